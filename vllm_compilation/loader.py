@@ -1,0 +1,365 @@
+"""Serve the patched vLLM compilation modules under their canonical names.
+
+Activation reads the pristine files of the installed vLLM, applies the series in memory
+(strictly, after checking the manifest hashes), writes the results once to a cache directory
+(atomically, for tracebacks and ``inspect``) and puts a finder at the front of
+``sys.meta_path`` that executes the patched source when ``vllm.compilation.<name>`` is
+imported. There is one module object per name, so state (counters, ContextVars, globals) is
+shared with the rest of vLLM.
+
+The four coupled modules (backends, piecewise_backend, caching, decorators) switch together
+or not at all. ``monitor`` is often imported before any plugin runs; it only holds functions
+and a few globals, so its patched source is executed again in its existing namespace with the
+values of its globals kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import threading
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_compilation.series import SERIES_NAME, SeriesError, apply_series, read_series
+
+PACKAGE = "vllm.compilation"
+COUPLED_MODULES = ("backends", "piecewise_backend", "caching", "decorators")
+RE_EXECUTABLE_MODULES = ("monitor",)
+ALL_MODULES = COUPLED_MODULES + RE_EXECUTABLE_MODULES
+
+ENV_SWITCH = "VLLM_COMPILATION_FORK"  # "0" turns the fork off
+ENV_STRICT = "VLLM_COMPILATION_STRICT"  # "1": a series that does not apply is an error
+ENV_CACHE_DIR = "VLLM_COMPILATION_CACHE_DIR"  # where patched sources are written
+
+
+class ForkActivationError(RuntimeError):
+    """Raised instead of a warning when strict mode is on."""
+
+
+@dataclass
+class ForkState:
+    active: bool = False
+    reason: str = "not activated yet"  # why the fork is off (or how it is on)
+    vllm_version: str | None = None
+    series: str = SERIES_NAME
+    series_dir: str | None = None
+    cache_dir: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # module -> materialized path
+    reported: bool = False  # the one log line for this process was written
+
+
+_state = ForkState()
+_lock = threading.RLock()
+
+
+def _logger() -> logging.Logger:
+    from vllm.logger import init_logger
+
+    return init_logger(f"vllm.{__name__}")
+
+
+def state() -> ForkState:
+    return _state
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def strict_mode() -> bool:
+    return bool(_env_flag(ENV_STRICT))
+
+
+def vllm_package_dir() -> Path | None:
+    """The installed ``vllm`` package directory, found without importing vLLM."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def installed_vllm_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("vllm")
+    except Exception:
+        return None
+
+
+def _is_at_least_018(version: str | None) -> bool:
+    if not version:
+        return False
+    try:
+        from packaging.version import Version
+
+        return Version(version).release[:2] >= (0, 18)
+    except Exception:
+        return False
+
+
+def read_pristine(site_root: Path, paths: list[str]) -> dict[str, str]:
+    texts = {}
+    for rel in paths:
+        try:
+            texts[rel] = (site_root / rel).read_text()
+        except FileNotFoundError:
+            continue  # apply_series names the missing file
+        except OSError as e:
+            raise SeriesError(f"cannot be read: {e}", rel) from e
+    return texts
+
+
+def patched_sources() -> tuple[dict[str, str], str]:
+    """Apply the series to the installed vLLM: (module name -> source, content digest)."""
+    vllm_dir = vllm_package_dir()
+    if vllm_dir is None:
+        raise SeriesError("vLLM is not installed")
+    series = read_series()
+    texts = apply_series(series, read_pristine(vllm_dir.parent, series.targets))
+    sources = {}
+    for name in ALL_MODULES:
+        rel = f"vllm/compilation/{name}.py"
+        if rel not in texts:
+            raise SeriesError("the series does not cover this module", rel)
+        sources[name] = texts[rel]
+    digest = hashlib.sha256(
+        "\0".join(f"{n}\0{s}" for n, s in sorted(sources.items())).encode()
+    ).hexdigest()
+    return sources, digest
+
+
+def _cache_root() -> Path:
+    explicit = os.environ.get(ENV_CACHE_DIR)
+    if explicit:
+        return Path(explicit)
+    vllm_root = os.environ.get("VLLM_CACHE_ROOT")
+    if vllm_root:
+        return Path(vllm_root) / "vllm_compilation"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "vllm" / "vllm_compilation"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, str]]:
+    """Write the patched sources under ``<cache>/<digest>/vllm/compilation/`` once.
+
+    A file whose content differs (partly written by a killed process, edited by hand) is
+    rewritten. An unwritable cache directory falls back to the temporary directory.
+    """
+    candidates = [_cache_root(), Path(tempfile.gettempdir()) / f"vllm_compilation-{os.getuid()}"]
+    last_error: OSError | None = None
+    for root in candidates:
+        base = root / digest[:16]
+        try:
+            files = {}
+            for name, text in sources.items():
+                path = base / "vllm" / "compilation" / f"{name}.py"
+                try:
+                    current = path.read_text()
+                except OSError:
+                    current = None
+                if current != text:
+                    _write_atomically(path, text)
+                files[name] = str(path)
+            if root is not candidates[0]:
+                _logger().warning(
+                    "vllm-compilation: cannot write to %s (%s); patched sources are in %s",
+                    candidates[0],
+                    last_error,
+                    base,
+                )
+            return base, files
+        except OSError as e:
+            last_error = e
+    raise SeriesError(f"cannot write the patched sources anywhere: {last_error}")
+
+
+class _PatchedSourceLoader(importlib.abc.Loader):
+    """Executes a patched module's source, compiled with its materialized file name."""
+
+    def __init__(self, fullname: str, source: str, path: str) -> None:
+        self.fullname = fullname
+        self.source = source
+        self.path = path
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None  # the default module object
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        exec(compile(self.source, self.path, "exec"), module.__dict__)
+
+    def get_source(self, fullname: str) -> str:
+        return self.source
+
+    def get_filename(self, fullname: str) -> str:
+        return self.path
+
+
+class PatchedModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds ``vllm.compilation.<name>`` for the patched modules, before the normal finders."""
+
+    def __init__(self, loaders: dict[str, _PatchedSourceLoader]) -> None:
+        self.loaders = loaders
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        loader = self.loaders.get(fullname)
+        if loader is None:
+            return None
+        spec = importlib.machinery.ModuleSpec(fullname, loader, origin=loader.path)
+        spec.has_location = True
+        return spec
+
+
+def is_patched(module: types.ModuleType | None) -> bool:
+    if module is None:
+        return False
+    spec = getattr(module, "__spec__", None)
+    return isinstance(getattr(spec, "loader", None), _PatchedSourceLoader) or bool(
+        getattr(module, "__vllm_compilation_patched__", False)
+    )
+
+
+def module_states() -> dict[str, str]:
+    """Each target module's state: patched, stock, or not imported (and what it will be)."""
+    out = {}
+    finder_on = any(isinstance(f, PatchedModuleFinder) for f in sys.meta_path)
+    for name in ALL_MODULES:
+        module = sys.modules.get(f"{PACKAGE}.{name}")
+        if module is None:
+            out[name] = "not imported (patched on import)" if finder_on else "not imported"
+        else:
+            out[name] = "patched" if is_patched(module) else "stock"
+    return out
+
+
+def _re_execute(module: types.ModuleType, loader: _PatchedSourceLoader) -> None:
+    """Run the patched source in an already imported module, keeping its global values."""
+    kept = {
+        k: v
+        for k, v in module.__dict__.items()
+        if not k.startswith("__")
+        and not isinstance(v, (types.FunctionType, type, types.ModuleType))
+        and k != "logger"
+    }
+    loader.exec_module(module)
+    module.__dict__.update({k: v for k, v in kept.items() if k in module.__dict__})
+    module.__file__ = loader.path
+    module.__loader__ = loader
+    module.__vllm_compilation_patched__ = True  # type: ignore[attr-defined]
+
+
+def _fail(reason: str, *, strict: bool, info: bool = False) -> ForkState:
+    _state.active = False
+    _state.reason = reason
+    if strict and not info:
+        raise ForkActivationError(f"vllm-compilation: {reason}")
+    if not _state.reported:
+        _state.reported = True
+        log = _logger()
+        if info:
+            log.info("vllm-compilation: %s", reason)
+        else:
+            log.warning("vllm-compilation: %s", reason)
+    return _state
+
+
+def activate(strict: bool | None = None) -> ForkState:
+    """Switch this process to the patched modules; idempotent and cheap once active.
+
+    Returns the state. A series that does not apply leaves stock vLLM running and logs one
+    WARNING (or raises :class:`ForkActivationError` in strict mode).
+    """
+    if _state.active:
+        return _state
+    strict = strict_mode() if strict is None else strict
+    with _lock:
+        if _state.active:
+            return _state
+        _state.vllm_version = installed_vllm_version()
+        if _env_flag(ENV_SWITCH) is False:
+            return _fail(f"turned off by {ENV_SWITCH}=0; stock vLLM runs", strict=strict, info=True)
+        if _is_at_least_018(_state.vllm_version):
+            return _fail(
+                f"vLLM {_state.vllm_version} already compiles every range up front; "
+                "the fork stays off",
+                strict=strict,
+                info=True,
+            )
+        try:
+            sources, digest = patched_sources()
+        except SeriesError as e:
+            where = f"{e.path}: " if e.path else ""
+            return _fail(
+                f"the {SERIES_NAME} series does not apply to vLLM {_state.vllm_version} "
+                f"({where}{e.reason}); stock vLLM keeps running with lazy compilation. "
+                "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`.",
+                strict=strict,
+            )
+        early = [
+            name
+            for name in COUPLED_MODULES
+            if f"{PACKAGE}.{name}" in sys.modules
+            and not is_patched(sys.modules[f"{PACKAGE}.{name}"])
+        ]
+        if early:
+            names = ", ".join(f"{PACKAGE}.{n}" for n in early)
+            return _fail(
+                f"{names} was imported before the fork was activated, so it cannot switch "
+                "(stock vLLM keeps running). Activate first: rely on the vLLM plugin, or call "
+                "vllm_compilation.install() before importing vLLM's compilation modules.",
+                strict=strict,
+            )
+        try:
+            cache_dir, files = materialize(sources, digest)
+        except SeriesError as e:
+            return _fail(f"{e.reason}; stock vLLM keeps running", strict=strict)
+        loaders = {
+            f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
+            for name, path in files.items()
+        }
+        for name in RE_EXECUTABLE_MODULES:
+            module = sys.modules.get(f"{PACKAGE}.{name}")
+            if module is not None and not is_patched(module):
+                _re_execute(module, loaders[f"{PACKAGE}.{name}"])
+        sys.meta_path.insert(0, PatchedModuleFinder(loaders))
+        _state.active = True
+        _state.reason = "patched modules are served for vllm.compilation"
+        _state.cache_dir = str(cache_dir)
+        _state.series_dir = str(read_series().directory)
+        _state.files = files
+        return _state
+
+
+def mirror(mirror_name: str) -> None:
+    """Make the ``vllm_compilation.<name>`` module being imported be the patched module."""
+    short = mirror_name.rsplit(".", 1)[1]
+    fork = activate()
+    if not fork.active:
+        raise ImportError(f"{mirror_name} needs the fork, which is off: {fork.reason}")
+    sys.modules[mirror_name] = importlib.import_module(f"{PACKAGE}.{short}")
