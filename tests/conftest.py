@@ -1,0 +1,66 @@
+"""Shared test set-up: per-test caches, a subprocess runner, the CUDA switch.
+
+The fork is activated by our pytest plugin (``pytest11`` entry point) in ``pytest_configure``,
+before any test module imports vLLM's compilation modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_CUDA = False
+try:  # torch is installed with vLLM; CUDA is optional
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    pass
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")],
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fresh Inductor and vLLM caches for every test: a warm cache skips compiles and passes."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm"))
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return tmp_path
+
+
+def run_python(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGS`` in a fresh process with this test's caches and extra ``env``."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def scenario_result(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCENARIO_RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].split(" ", 1)[1])
