@@ -98,6 +98,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_compilation.demo import run_demo
+
+    scenario_args = ["--splitting"] if not args.no_splitting else []
+    if args.sizes:
+        scenario_args += ["--sizes", args.sizes]
+    return run_demo(scenario_args, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-compilation",
@@ -109,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     check = sub.add_parser("check", help="does the series apply to the installed vLLM")
     check.set_defaults(func=cmd_check)
+    demo = sub.add_parser(
+        "demo", help="the toy scenario on stock vLLM and on the fork, side by side"
+    )
+    demo.add_argument("--sizes", help="comma-separated batch sizes of the forwards")
+    demo.add_argument("--no-splitting", action="store_true", help="one piece, no split op")
+    demo.add_argument("--json", action="store_true", help="machine-readable output")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

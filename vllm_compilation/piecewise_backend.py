@@ -1,4 +1,4 @@
-"""The patched ``vllm.compilation.piecewise_backend``: importing this module gives that very module."""
+"""The patched ``vllm.compilation.piecewise_backend``: importing this gives that module."""
 
 from vllm_compilation.loader import mirror
 

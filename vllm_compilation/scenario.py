@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_compilation.scenario")
     parser.add_argument("--sizes", type=_int_list, default=toy_model.UPSTREAM_FORWARD_SIZES)
     parser.add_argument("--split-points", type=_int_list, default=toy_model.UPSTREAM_SPLIT_POINTS)
-    parser.add_argument(
-        "--compile-sizes", type=_int_list, default=toy_model.UPSTREAM_COMPILE_SIZES
-    )
+    parser.add_argument("--compile-sizes", type=_int_list, default=toy_model.UPSTREAM_COMPILE_SIZES)
     parser.add_argument("--max-tokens", type=int, default=toy_model.UPSTREAM_MAX_TOKENS)
     parser.add_argument("--splitting", action="store_true", help="split at the toy op")
     parser.add_argument("--device", default="cpu")
