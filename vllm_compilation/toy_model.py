@@ -111,15 +111,30 @@ def _toy_model_class() -> type[nn.Module]:
 
     @support_torch_compile(dynamic_arg_dims={"x": 0})
     class ToyModel(nn.Module):
-        """Two matmul layers with the splitting op between them (when splitting is on)."""
+        """Two matmul layers with the splitting op between them (when splitting is on).
 
-        def __init__(self, *, vllm_config: Any, prefix: str = "", hidden: int = 16) -> None:
+        With ``weight_only_piece`` the first piece computes from a weight alone, so it has
+        no symbolic input (no batch dimension), as some real models' pieces do.
+        """
+
+        def __init__(
+            self,
+            *,
+            vllm_config: Any,
+            prefix: str = "",
+            hidden: int = 16,
+            weight_only_piece: bool = False,
+        ) -> None:
             super().__init__()
             generator = torch.Generator().manual_seed(0)
             self.w1 = nn.Parameter(torch.randn(hidden, hidden, generator=generator) * 0.1)
             self.w2 = nn.Parameter(torch.randn(hidden, hidden, generator=generator) * 0.1)
+            self.weight_only_piece = weight_only_piece
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.weight_only_piece:
+                w = torch.ops.vllm_compilation_toy.split_point(torch.relu(self.w1) + 0.5)
+                return torch.tanh(x @ w) * 2.0
             x = torch.relu(x @ self.w1) + 1.0
             x = torch.ops.vllm_compilation_toy.split_point(x)
             return torch.tanh(x @ self.w2) * 2.0
@@ -130,7 +145,9 @@ def _toy_model_class() -> type[nn.Module]:
 _model_class: type[nn.Module] | None = None
 
 
-def build_model(vllm_config: Any, *, hidden: int = 16) -> nn.Module:
+def build_model(
+    vllm_config: Any, *, hidden: int = 16, weight_only_piece: bool = False
+) -> nn.Module:
     """Construct the toy model under ``vllm_config`` (as vLLM's model loader does)."""
     global _model_class
     from vllm.config import set_current_vllm_config
@@ -140,7 +157,9 @@ def build_model(vllm_config: Any, *, hidden: int = 16) -> nn.Module:
         _model_class = _toy_model_class()
     device = vllm_config.device_config.device
     with set_current_vllm_config(vllm_config), torch.device(device):
-        model = _model_class(vllm_config=vllm_config, hidden=hidden)
+        model = _model_class(
+            vllm_config=vllm_config, hidden=hidden, weight_only_piece=weight_only_piece
+        )
     return model.requires_grad_(False)
 
 

@@ -48,6 +48,7 @@ def test_structured_log_events_for_every_entry(device: str, monkeypatch) -> None
     assert recorder.count("graph_dump", "vllm_piecewise_split_graph") == 1
     assert recorder.count("graph_dump", "vllm_submod_") == 2
     assert recorder.count("artifact", "vllm_piecewise_compile_start") == 4
+    assert recorder.count("artifact", "vllm_piecewise_compile_end") == 4
     starts = Counter(n for k, n in recorder.events if k == "graph_dump")
     assert all(count == 1 for count in starts.values()), starts
 

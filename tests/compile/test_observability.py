@@ -1,0 +1,106 @@
+"""Start-up explains itself: log lines, their counts, and a real TORCH_TRACE read by tlparse.
+
+Everything runs in fresh processes, where vLLM's own logging configuration applies, as it does
+for a user. A marker line is printed before each forward so that lines can be attributed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import run_python
+
+FORWARDS = """
+import sys
+from vllm_compilation import install, toy_model
+install()
+config = toy_model.make_vllm_config(splitting=True, compile_sizes=[16, 64, 128])
+model = toy_model.build_model(config)
+for batch in [64, 1, 4, 16, 24, 48, 64, 8192]:
+    print(f"FORWARD {batch}", flush=True)
+    toy_model.run_forward(model, config, batch)
+print("DONE", flush=True)
+"""
+PROGRESS = re.compile(
+    r"\[(\d+)/12\] (compiled|loaded from cache) piece ([12])/2, range \((\d+), (\d+)\) in "
+    r"\d+\.\d\d s"
+)
+
+
+def _run_forwards(env: dict[str, str] | None = None) -> list[str]:
+    proc = run_python(["-c", FORWARDS], env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # vLLM logs to stdout; keep the order of everything printed there
+    return proc.stdout.splitlines()
+
+
+def _between(lines: list[str], start: str, end: str) -> list[str]:
+    return lines[lines.index(start) + 1 : lines.index(end)]
+
+
+def _check_startup(lines: list[str], verb: str) -> None:
+    first = _between(lines, "FORWARD 64", "FORWARD 1")
+    progress = [m for m in map(PROGRESS.search, first) if m]
+    assert [int(m.group(1)) for m in progress] == list(range(1, 13))
+    assert {m.group(2) for m in progress} == {verb}
+    entries = {(m.group(3), m.group(4), m.group(5)) for m in progress}
+    assert len(entries) == 12  # every (piece, range) exactly once
+    summary = [line for line in first if "Compile ranges ready for backbone" in line]
+    expected = "12 compiled, 0 loaded" if verb == "compiled" else "0 compiled, 12 loaded"
+    assert len(summary) == 1 and expected in summary[0], summary
+    assert sum("torch.compile took" in line for line in first) == 1
+    assert sum("Initial run of the compiled model took" in line for line in first) == 1
+    assert not any("happened during the initial run" in line for line in lines)
+    assert not any("torch.compile takes" in line for line in lines)  # stock's line
+    # serving logs nothing: no line repeats per forward
+    after = _between(lines, "FORWARD 1", "DONE")
+    assert all(line.startswith("FORWARD ") for line in after), after
+
+
+def test_cold_start_logs_progress_summary_and_two_timings() -> None:
+    _check_startup(_run_forwards(), "compiled")
+
+
+def test_warm_start_reports_cache_loads_the_same_way() -> None:
+    _run_forwards()
+    _check_startup(_run_forwards(), "loaded from cache")
+
+
+def test_torch_trace_is_readable_by_tlparse(tmp_path: Path) -> None:
+    # tlparse is in the test extra: next to this interpreter, or on PATH
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    tlparse = shutil.which("tlparse", path=search)
+    assert tlparse, "tlparse is missing: pip install -e '.[test]'"
+    trace_dir = tmp_path / "trace"
+    one_forward = FORWARDS.replace("[64, 1, 4, 16, 24, 48, 64, 8192]", "[8]").replace(
+        "compile_sizes=[16, 64, 128]", "compile_sizes=[8], split_points=[]"
+    )
+    proc = run_python(["-c", one_forward], env={"TORCH_TRACE": str(trace_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = list(trace_dir.glob("*.log"))
+    assert logs, "TORCH_TRACE wrote no log"
+
+    out = tmp_path / "tl_out"
+    parsed = subprocess.run(
+        [tlparse, str(logs[0]), "-o", str(out), "--overwrite", "--no-browser"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert parsed.returncode == 0, parsed.stderr
+    assert (out / "index.html").is_file()
+    names = [p.name for p in out.rglob("*")]
+    for event, count in [
+        ("vllm_compilation_config", 1),
+        ("vllm_piecewise_split_graph", 1),
+        ("vllm_piecewise_compile_start", 4),
+        ("vllm_piecewise_compile_end", 4),
+    ]:
+        assert sum(n.startswith(event) for n in names) == count, (event, sorted(names))
+    end_events = [p for p in out.rglob("vllm_piecewise_compile_end*")]
+    assert all('"duration_s"' in p.read_text() for p in end_events)
