@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fork = install()
     import torch
+    from torch._dynamo.utils import counters
     from vllm.compilation.counter import compilation_counter
 
     config = toy_model.make_vllm_config(
@@ -48,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         errors.append(float((out - toy_model.eager_reference(model, x)).abs().max()))
         outputs[str(batch)] = out.tolist()
     result = {
+        # Inductor's and AOTAutograd's own caches: a miss is a compile inside torch, even
+        # when vLLM believes it loaded a graph
+        "torch_cache": {
+            "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
+            "fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
+            "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
+            "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
+        },
         "fork_active": fork.active,
         "backend_compilations": backend,
         "inductor_compiles": inductor,

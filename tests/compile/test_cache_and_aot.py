@@ -38,9 +38,17 @@ def aot_artifacts(cache_root: Path) -> list[Path]:
     return list((cache_root / "torch_compile_cache" / "torch_aot_compile").rglob("model"))
 
 
-@pytest.mark.parametrize("aot", ["1", "0"], ids=["aot", "no-aot"])
-def test_warm_start_loads_every_range_and_writes_nothing(isolated_caches: Path, aot: str) -> None:
-    env = {"VLLM_USE_AOT_COMPILE": aot}
+MODES = {
+    "compile-cache": {"VLLM_USE_AOT_COMPILE": "0"},
+    "aot": {"VLLM_USE_AOT_COMPILE": "1"},
+    "mega-aot": {"VLLM_USE_AOT_COMPILE": "1", "VLLM_USE_MEGA_AOT_ARTIFACT": "1"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_warm_start_loads_every_range_and_writes_nothing(isolated_caches: Path, mode: str) -> None:
+    env = MODES[mode]
+    aot = env["VLLM_USE_AOT_COMPILE"]
     # The first process serves one size only: stock would never save its cache then.
     cold, _ = probe("--sizes", "64", env=env)
     assert cold["backend_compilations"] == [6]
@@ -50,10 +58,17 @@ def test_warm_start_loads_every_range_and_writes_nothing(isolated_caches: Path, 
 
     warm, output = probe("--sizes", ALL_SIZES, env=env)
     assert warm["inductor_compiles"] == [0] * 9  # everything came from the caches
-    assert warm["backend_compilations"] == [6] + [0] * 8  # all loaded in the first forward
+    # Nor did torch compile behind vLLM's back: saving and loading used the same functorch
+    # and autograd-cache settings, so every lookup hit (upstream #35810, #36582).
+    assert warm["torch_cache"]["fxgraph_miss"] == 0
+    assert warm["torch_cache"]["autograd_miss"] == 0
     assert warm["outputs"]["64"] == cold["outputs"]["64"]
     assert warm["max_abs_error"] < 1e-4
-    assert "0 compiled, 6 loaded from cache" in output
+    if mode == "mega-aot":  # every range came with the artifact, before the first forward
+        assert warm["backend_compilations"] == [0] * 9
+    else:  # loaded from vLLM's compile cache inside the first forward
+        assert warm["backend_compilations"] == [6] + [0] * 8
+        assert "0 compiled, 6 loaded from cache" in output
     if aot == "1":
         assert "Directly load AOT compilation from path" in output
     # vLLM's cache and the AOT artifact: not a byte nor a timestamp changed. Inductor's own
@@ -146,3 +161,41 @@ def test_corrupt_cache_recompiles_with_one_warning(isolated_caches: Path, damage
     )
     assert expected in warnings[0]
     assert others <= {p for p in isolated_caches.rglob("*") if p.is_file()}  # nothing deleted
+
+
+def _drop_range_from_mega_artifact(artifact: Path, entry: str) -> None:
+    """Rewrite a mega AOT artifact without one range entry, as a bad or old file could be."""
+    import io
+    import pickle
+
+    from torch._dynamo.aot_compile import AOTCompilePickler
+
+    outer = pickle.loads(artifact.read_bytes())
+    deserialize, state_bytes = outer["compiled_fn"]
+    state = pickle.loads(state_bytes)
+    del state["standalone_compile_artifacts"].submodule_bytes[entry]
+    outer["compiled_fn"] = (deserialize, pickle.dumps(state))
+    buffer = io.BytesIO()
+    AOTCompilePickler(buffer).dump(outer)
+    artifact.write_bytes(buffer.getvalue())
+
+
+def test_mega_artifact_missing_a_range_names_it_and_recompiles(isolated_caches: Path) -> None:
+    env = MODES["mega-aot"]
+    cold, _ = probe("--sizes", "64,4", env=env)
+    (artifact,) = aot_artifacts(isolated_caches / "vllm")
+    _drop_range_from_mega_artifact(artifact, "submod_0_(128, 128)")
+
+    forced = run_python(
+        ["-m", "tests.compile.probe", "--sizes", "64"], env={**env, "VLLM_FORCE_AOT_LOAD": "1"}
+    )
+    assert forced.returncode != 0
+    assert "no precompiled artifact for compile range (128, 128) of submod_0" in forced.stderr
+
+    warm, output = probe("--sizes", "64,4", env=env)
+    warnings = [ln for ln in output.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1, warnings
+    assert str(artifact) in warnings[0]
+    assert "no precompiled artifact for compile range (128, 128) of submod_0" in warnings[0]
+    assert warm["backend_compilations"] == [6, 0]  # compiled again, every range, up front
+    assert warm["outputs"] == cold["outputs"]
