@@ -156,19 +156,29 @@ def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:  # UTF-8 whatever the locale: the hash is of these
+            f.write(text.encode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _sha256_file(path: Path) -> str | None:
+    """The sha256 of a file's bytes, or None if it cannot be read (missing, a directory)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, str]]:
     """Write the patched sources under ``<cache>/<digest>/vllm/compilation/`` once.
 
-    A file whose content differs (partly written by a killed process, edited by hand) is
-    rewritten. An unwritable cache directory falls back to the temporary directory.
+    Each file is checked by the sha256 of its bytes: one that differs from the patched text
+    (partly written by a killed process, edited by hand, not even UTF-8) is rewritten,
+    atomically, so concurrent processes only ever see complete files. A cache directory that
+    cannot be written falls back to the temporary directory, with one WARNING.
     """
     candidates = [_cache_root(), Path(tempfile.gettempdir()) / f"vllm_compilation-{os.getuid()}"]
     last_error: OSError | None = None
@@ -178,11 +188,7 @@ def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, s
             files = {}
             for name, text in sources.items():
                 path = base / "vllm" / "compilation" / f"{name}.py"
-                try:
-                    current = path.read_text()
-                except OSError:
-                    current = None
-                if current != text:
+                if _sha256_file(path) != hashlib.sha256(text.encode()).hexdigest():
                     _write_atomically(path, text)
                 files[name] = str(path)
             if root is not candidates[0]:
@@ -246,20 +252,76 @@ def is_patched(module: types.ModuleType | None) -> bool:
 
 
 def module_states() -> dict[str, str]:
-    """Each target module's state: patched, stock, or not imported (and what it will be)."""
+    """Each target module's state, as this process would run it.
+
+    ``patched``, ``patched (re-executed in place)`` (``monitor`` imported before activation),
+    ``stock``, or ``not imported (patched on import)`` / ``not imported (stock on import)``:
+    for a module not imported yet, the import system is asked which loader it would use, so
+    a finder placed before ours (or none at all) is reported as it is.
+    """
     out = {}
-    finder_on = any(isinstance(f, PatchedModuleFinder) for f in sys.meta_path)
     for name in ALL_MODULES:
-        module = sys.modules.get(f"{PACKAGE}.{name}")
+        fullname = f"{PACKAGE}.{name}"
+        module = sys.modules.get(fullname)
         if module is None:
-            out[name] = "not imported (patched on import)" if finder_on else "not imported"
+            try:
+                spec = importlib.util.find_spec(fullname)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is None:
+                out[name] = "not found"
+            elif isinstance(spec.loader, _PatchedSourceLoader):
+                out[name] = "not imported (patched on import)"
+            else:
+                out[name] = "not imported (stock on import)"
+        elif isinstance(getattr(module.__spec__, "loader", None), _PatchedSourceLoader):
+            out[name] = "patched"
+        elif is_patched(module):
+            out[name] = "patched (re-executed in place)"
         else:
-            out[name] = "patched" if is_patched(module) else "stock"
+            out[name] = "stock"
     return out
 
 
+def _stock_binders(early: list[str], limit: int = 3) -> list[str]:
+    """Modules outside vllm.compilation holding objects of the early-imported stock modules.
+
+    Such bindings (``from vllm.compilation.decorators import support_torch_compile`` in a
+    model file) would keep running stock code after any switch, which is why there is none.
+    """
+    stock = {f"{PACKAGE}.{n}" for n in early}
+    found = []
+    for modname, module in list(sys.modules.items()):
+        if module is None or modname.startswith(PACKAGE + ".") or modname in stock:
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        for value in values:
+            if isinstance(value, (types.FunctionType, type)) and value.__module__ in stock:
+                found.append(f"{modname} ({value.__name__})")
+                break
+        if len(found) >= limit:
+            break
+    return found
+
+
+def _early_stock_modules() -> list[str]:
+    return [
+        name
+        for name in COUPLED_MODULES
+        if f"{PACKAGE}.{name}" in sys.modules and not is_patched(sys.modules[f"{PACKAGE}.{name}"])
+    ]
+
+
 def _re_execute(module: types.ModuleType, loader: _PatchedSourceLoader) -> None:
-    """Run the patched source in an already imported module, keeping its global values."""
+    """Run the patched source in an already imported module, keeping its global values.
+
+    Functions that already existed keep their identity and get the patched code, defaults
+    and annotations: names bound elsewhere before activation (``from vllm.compilation.monitor
+    import set_cudagraph_capturing_enabled``) then run the patched code too.
+    """
     kept = {
         k: v
         for k, v in module.__dict__.items()
@@ -267,11 +329,42 @@ def _re_execute(module: types.ModuleType, loader: _PatchedSourceLoader) -> None:
         and not isinstance(v, (types.FunctionType, type, types.ModuleType))
         and k != "logger"
     }
+    old_functions = {
+        k: v
+        for k, v in module.__dict__.items()
+        if isinstance(v, types.FunctionType) and v.__module__ == module.__name__
+    }
     loader.exec_module(module)
     module.__dict__.update({k: v for k, v in kept.items() if k in module.__dict__})
+    for name, old in old_functions.items():
+        new = module.__dict__.get(name)
+        if (
+            isinstance(new, types.FunctionType)
+            and new.__module__ == module.__name__
+            and not old.__code__.co_freevars
+            and not new.__code__.co_freevars
+        ):
+            old.__code__ = new.__code__
+            old.__defaults__ = new.__defaults__
+            old.__kwdefaults__ = new.__kwdefaults__
+            old.__annotations__ = new.__annotations__
+            old.__doc__ = new.__doc__
+            module.__dict__[name] = old
     module.__file__ = loader.path
     module.__loader__ = loader
     module.__vllm_compilation_patched__ = True  # type: ignore[attr-defined]
+
+
+def _early_import_reason(early: list[str]) -> str:
+    names = ", ".join(f"{PACKAGE}.{n}" for n in early)
+    binders = _stock_binders(early)
+    bound = f"; already bound by {', '.join(binders)}" if binders else ""
+    return (
+        f"{names} was imported before the fork was activated{bound}, so the fork cannot "
+        "switch (stock vLLM keeps running). Activate first: rely on the vLLM plugin, or "
+        "call vllm_compilation.install() before importing vLLM's compilation modules or "
+        "any model file."
+    )
 
 
 def _fail(reason: str, *, strict: bool, info: bool = False) -> ForkState:
@@ -321,20 +414,9 @@ def activate(strict: bool | None = None) -> ForkState:
                 "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`.",
                 strict=strict,
             )
-        early = [
-            name
-            for name in COUPLED_MODULES
-            if f"{PACKAGE}.{name}" in sys.modules
-            and not is_patched(sys.modules[f"{PACKAGE}.{name}"])
-        ]
+        early = _early_stock_modules()
         if early:
-            names = ", ".join(f"{PACKAGE}.{n}" for n in early)
-            return _fail(
-                f"{names} was imported before the fork was activated, so it cannot switch "
-                "(stock vLLM keeps running). Activate first: rely on the vLLM plugin, or call "
-                "vllm_compilation.install() before importing vLLM's compilation modules.",
-                strict=strict,
-            )
+            return _fail(_early_import_reason(early), strict=strict)
         try:
             cache_dir, files = materialize(sources, digest)
         except SeriesError as e:
@@ -343,11 +425,16 @@ def activate(strict: bool | None = None) -> ForkState:
             f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
             for name, path in files.items()
         }
+        finder = PatchedModuleFinder(loaders)
+        sys.meta_path.insert(0, finder)
+        early = _early_stock_modules()  # imported by another thread meanwhile
+        if early:
+            sys.meta_path.remove(finder)
+            return _fail(_early_import_reason(early), strict=strict)
         for name in RE_EXECUTABLE_MODULES:
             module = sys.modules.get(f"{PACKAGE}.{name}")
             if module is not None and not is_patched(module):
                 _re_execute(module, loaders[f"{PACKAGE}.{name}"])
-        sys.meta_path.insert(0, PatchedModuleFinder(loaders))
         _state.active = True
         _state.reason = "patched modules are served for vllm.compilation"
         _state.cache_dir = str(cache_dir)
