@@ -16,7 +16,15 @@ setup(
     package_data={"vllm_compilation.patches": ["vllm-0.17/*"]},
     install_requires=["vllm>=0.17.0,<0.18"],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "tlparse", "ruff"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "tlparse",
+            "ruff",
+            "matplotlib>=3.5",  # tests/test_demo.py runs `bench --plot`
+        ],
+        "bench": ["matplotlib>=3.5"],  # `vllm-compilation bench --plot`
     },
     entry_points={
         "vllm.general_plugins": ["vllm_compilation = vllm_compilation.plugin:register"],

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from vllm_compilation import loader
+from vllm_compilation import loader, workflow
 from vllm_compilation.series import SERIES_NAME, SeriesError, read_series
 
 
@@ -83,18 +84,79 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Does the series apply to the installed vLLM? Exit 0 if so, 1 if not."""
-    try:
-        series = read_series()
-        loader.patched_sources()
-    except SeriesError as e:
-        print(f"vllm-compilation check: FAILED: {e}", file=sys.stderr)
+    """Does the series apply to the installed vLLM, with full headers? Exit 0 if so, 1 if not."""
+    result = workflow.check(args.series_dir)
+    if result.apply_error:
+        print(f"vllm-compilation check: FAILED: {result.apply_error}", file=sys.stderr)
+        if result.series is not None:
+            print(
+                "  To move the series to this vLLM, see 'Rebase the series onto another vLLM' "
+                "in docs/upstreaming.md.",
+                file=sys.stderr,
+            )
+    for problem in result.header_problems:
+        print(f"vllm-compilation check: FAILED: {problem}", file=sys.stderr)
+    if not result.ok or result.series is None:
         return 1
+    series = result.series
     print(
         f"vllm-compilation check: OK: {len(series.patches)} patches of {SERIES_NAME} apply "
         f"to vLLM {loader.installed_vllm_version()} ({len(series.manifest)} files match "
-        "the manifest)"
+        "the manifest); every header has What, Why, Origin, Upstream-Status, Removal and "
+        "Signed-off-by"
     )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        result = workflow.export(
+            args.directory,
+            series_dir=args.series_dir,
+            vllm_root=args.vllm_root,
+            pristine_only=args.pristine_only,
+        )
+    except (workflow.WorkflowError, SeriesError) as e:
+        print(f"vllm-compilation export: {e}", file=sys.stderr)
+        return 1
+    version = f"vLLM {result.vllm_version}" if result.vllm_version else "vLLM"
+    print(
+        f"vllm-compilation export: {result.directory}: root commit {result.root_commit[:12]} "
+        f"({version} pristine files from {result.vllm_root})"
+        + ("" if args.pristine_only else f", then {len(result.patches)} commits, one per patch")
+    )
+    if not args.pristine_only:
+        print(
+            "Edit and commit there (git commit --amend, git rebase -i), then run "
+            f"`vllm-compilation refresh {result.directory}`."
+        )
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    try:
+        result = workflow.refresh(args.directory, series_dir=args.series_dir)
+    except (workflow.WorkflowError, SeriesError) as e:
+        print(f"vllm-compilation refresh: {e}", file=sys.stderr)
+        return 1
+    changed = ", ".join(result.written + [f"{n} (removed)" for n in result.removed])
+    print(
+        f"vllm-compilation refresh: {result.series_dir}: {len(result.patches)} patches; "
+        f"{'changed: ' + changed if changed else 'nothing changed'}"
+    )
+    if result.index is not None:
+        print(f"index: {result.index}")
+    for problem in result.header_problems:
+        print(f"WARNING: {problem} (`vllm-compilation check` will fail)", file=sys.stderr)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    try:
+        print(workflow.patch_index(read_series(args.series_dir)), end="")
+    except SeriesError as e:
+        print(f"vllm-compilation index: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -102,9 +164,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vllm_compilation.demo import run_demo
 
     scenario_args = ["--splitting"] if not args.no_splitting else []
-    if args.sizes:
-        scenario_args += ["--sizes", args.sizes]
+    for option in ("sizes", "split_points", "compile_sizes", "max_tokens"):
+        value = getattr(args, option)
+        if value:
+            scenario_args += ["--" + option.replace("_", "-"), str(value)]
     return run_demo(scenario_args, as_json=args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vllm_compilation.bench import Workload, run_bench
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    sweep = Workload(
+        name="sweep",
+        hidden=args.hidden,
+        split_points=ints(args.split_points),
+        compile_sizes=ints(args.compile_sizes),
+        max_tokens=args.max_tokens,
+        repeats=args.repeats,
+        passes=2,
+    )
+    memory = Workload(
+        name="memory",
+        hidden=args.memory_hidden,
+        split_points=ints(args.memory_split_points),
+        compile_sizes=ints(args.memory_compile_sizes),
+        max_tokens=args.memory_max_tokens,
+        repeats=args.memory_repeats,
+        passes=1,
+    )
+    return run_bench(
+        sweep,
+        memory,
+        device=args.device,
+        threads=args.threads,
+        splitting=not args.no_splitting,
+        as_json=args.json,
+        plot=args.plot,
+        save=args.save,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,15 +216,83 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="state of the fork in a vLLM process")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
-    check = sub.add_parser("check", help="does the series apply to the installed vLLM")
+    series_dir = argparse.ArgumentParser(add_help=False)
+    series_dir.add_argument(
+        "--series-dir",
+        type=Path,
+        help="the series directory (default: this package's patches/vllm-0.17)",
+    )
+    check = sub.add_parser(
+        "check",
+        parents=[series_dir],
+        help="does the series apply to the installed vLLM, and are its headers complete",
+    )
     check.set_defaults(func=cmd_check)
+    export = sub.add_parser(
+        "export",
+        parents=[series_dir],
+        help="a git repository of the pristine files plus one commit per patch",
+    )
+    export.add_argument("directory", type=Path, help="new (or empty) directory")
+    export.add_argument(
+        "--vllm-root",
+        type=Path,
+        help="the directory holding vllm/ to take the pristine files from "
+        "(default: the installed vLLM)",
+    )
+    export.add_argument(
+        "--pristine-only",
+        action="store_true",
+        help="only the root commit, from files that need not match the manifest (rebasing)",
+    )
+    export.set_defaults(func=cmd_export)
+    refresh = sub.add_parser(
+        "refresh",
+        parents=[series_dir],
+        help="regenerate the patches, series and manifest from an exported repository",
+    )
+    refresh.add_argument("directory", type=Path, help="the repository made by export")
+    refresh.set_defaults(func=cmd_refresh)
+    index = sub.add_parser(
+        "index", parents=[series_dir], help="print the patch index (docs/patches.md)"
+    )
+    index.set_defaults(func=cmd_index)
     demo = sub.add_parser(
         "demo", help="the toy scenario on stock vLLM and on the fork, side by side"
     )
     demo.add_argument("--sizes", help="comma-separated batch sizes of the forwards")
+    demo.add_argument("--split-points", help="comma-separated compile range split points")
+    demo.add_argument("--compile-sizes", help="comma-separated compile sizes")
+    demo.add_argument("--max-tokens", type=int, help="max_num_batched_tokens")
     demo.add_argument("--no-splitting", action="store_true", help="one piece, no split op")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser(
+        "bench",
+        help="stock vLLM vs the fork, measured: compiles, compile time, latency, memory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--repeats", type=int, default=3, help="stock/fork pairs of the sweep")
+    bench.add_argument("--hidden", type=int, default=16, help="sweep: toy model width")
+    bench.add_argument("--split-points", default="4,16,64,256,1024", help="sweep: split points")
+    bench.add_argument("--compile-sizes", default="1,2,8,32,128,512", help="sweep: sizes")
+    bench.add_argument("--max-tokens", type=int, default=2048, help="sweep: max tokens")
+    bench.add_argument(
+        "--memory-repeats", type=int, default=1, help="stock/fork pairs of the memory run"
+    )
+    bench.add_argument("--memory-hidden", type=int, default=4096, help="memory: model width")
+    bench.add_argument("--memory-split-points", default="8,32", help="memory: split points")
+    bench.add_argument("--memory-compile-sizes", default="4,16,48", help="memory: sizes")
+    bench.add_argument("--memory-max-tokens", type=int, default=64, help="memory: max tokens")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    bench.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads per run (0: torch default)"
+    )
+    bench.add_argument("--no-splitting", action="store_true", help="one piece, no split op")
+    bench.add_argument("--plot", metavar="FILE", help="write a PNG of per-call latency")
+    bench.add_argument("--save", metavar="FILE", help="also write the JSON report to FILE")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

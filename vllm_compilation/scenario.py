@@ -9,6 +9,7 @@ fresh directories for cold-start figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -29,6 +30,13 @@ class ScenarioResult:
     compiles_per_forward: list[int] = field(default_factory=list)
     max_abs_error: float = 0.0  # largest difference from the eager forward
     peak_memory_bytes: int | None = None
+    compiles_total: int = 0  # backend compilations in all forwards
+    # seconds spent in CompilerManager.compile during each forward (only with time_compiles)
+    backend_compile_s_per_forward: list[float] = field(default_factory=list)
+    # each CompilerManager.compile call: piece, compile range [start, end], seconds
+    backend_compiles: list[dict[str, Any]] = field(default_factory=list)
+    vllm_compilation_time_s: float = 0.0  # vLLM's own compilation_config.compilation_time
+    threads: int | None = None  # torch intra-op threads, when set
 
     @property
     def median_later_s(self) -> float:
@@ -54,6 +62,43 @@ def _peak_memory(device: str) -> int | None:
         return None
 
 
+def _time_backend_compiles() -> list[dict[str, Any]]:
+    """Record every ``CompilerManager.compile`` call in this process: piece, range, seconds.
+
+    That method is where stock vLLM and the fork both compile (or load) one piece for one
+    range entry, so the same clock measures both.
+    """
+    import inspect
+
+    from vllm.compilation.backends import CompilerManager
+
+    calls: list[dict[str, Any]] = []
+    original = CompilerManager.compile
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        compile_range = bound.arguments.get("compile_range")
+        started = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            calls.append(
+                {
+                    "piece": bound.arguments.get("graph_index", 0),
+                    "range": [
+                        getattr(compile_range, "start", None),
+                        getattr(compile_range, "end", None),
+                    ],
+                    "s": time.perf_counter() - started,
+                }
+            )
+
+    CompilerManager.compile = timed  # type: ignore[method-assign]
+    return calls
+
+
 def run_scenario(
     *,
     sizes: list[int],
@@ -63,6 +108,8 @@ def run_scenario(
     splitting: bool,
     device: str,
     hidden: int = 16,
+    time_compiles: bool = False,
+    threads: int | None = None,
 ) -> ScenarioResult:
     import torch
 
@@ -70,6 +117,10 @@ def run_scenario(
 
     fork = loader.activate()
     from vllm.compilation.counter import compilation_counter
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    compile_calls = _time_backend_compiles() if time_compiles else []
 
     config = toy_model.make_vllm_config(
         split_points=split_points,
@@ -83,9 +134,11 @@ def run_scenario(
         torch.cuda.reset_peak_memory_stats()
     timings: list[float] = []
     compiles: list[int] = []
+    compile_s: list[float] = []
     max_error = 0.0
     for batch in sizes:
         before = compilation_counter.num_backend_compilations
+        timed_before = len(compile_calls)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -94,6 +147,8 @@ def run_scenario(
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - started)
         compiles.append(compilation_counter.num_backend_compilations - before)
+        if time_compiles:
+            compile_s.append(sum(call["s"] for call in compile_calls[timed_before:]))
         x = torch.linspace(-1, 1, batch * hidden, device=device).reshape(batch, hidden)
         expected = toy_model.eager_reference(model, x)
         max_error = max(max_error, float((out - expected).abs().max()))
@@ -108,6 +163,11 @@ def run_scenario(
         compiles_per_forward=compiles,
         max_abs_error=max_error,
         peak_memory_bytes=_peak_memory(device),
+        compiles_total=sum(compiles),
+        backend_compile_s_per_forward=compile_s,
+        backend_compiles=compile_calls,
+        vllm_compilation_time_s=float(config.compilation_config.compilation_time),
+        threads=threads,
     )
 
 
@@ -126,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splitting", action="store_true", help="split at the toy op")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden", type=int, default=16)
+    parser.add_argument(
+        "--time-compiles", action="store_true", help="time each CompilerManager.compile call"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = run_scenario(
@@ -136,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         splitting=args.splitting,
         device=args.device,
         hidden=args.hidden,
+        time_compiles=args.time_compiles,
+        threads=args.threads,
     )
     if args.json:
         # the last line of stdout is the result (vLLM may log to stdout before it)
