@@ -29,7 +29,13 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_compilation.series import SERIES_NAME, SeriesError, apply_series, read_series
+from vllm_compilation.series import (
+    SERIES_NAME,
+    SeriesError,
+    apply_series,
+    default_series_dir,
+    read_series,
+)
 
 PACKAGE = "vllm.compilation"
 COUPLED_MODULES = ("backends", "piecewise_backend", "caching", "decorators")
@@ -438,7 +444,7 @@ def activate(strict: bool | None = None) -> ForkState:
         _state.active = True
         _state.reason = "patched modules are served for vllm.compilation"
         _state.cache_dir = str(cache_dir)
-        _state.series_dir = str(read_series().directory)
+        _state.series_dir = str(default_series_dir())
         _state.files = files
         return _state
 
