@@ -31,6 +31,7 @@ from pathlib import Path
 
 from vllm_compilation.series import (
     SERIES_NAME,
+    Series,
     SeriesError,
     apply_series,
     default_series_dir,
@@ -128,12 +129,15 @@ def read_pristine(site_root: Path, paths: list[str]) -> dict[str, str]:
     return texts
 
 
-def patched_sources() -> tuple[dict[str, str], str]:
-    """Apply the series to the installed vLLM: (module name -> source, content digest)."""
+def patched_sources(series: Series | None = None) -> tuple[dict[str, str], str]:
+    """Apply the series (default: the shipped one) to the installed vLLM.
+
+    Returns (module name -> patched source, content digest).
+    """
     vllm_dir = vllm_package_dir()
     if vllm_dir is None:
         raise SeriesError("vLLM is not installed")
-    series = read_series()
+    series = series if series is not None else read_series()
     texts = apply_series(series, read_pristine(vllm_dir.parent, series.targets))
     sources = {}
     for name in ALL_MODULES:

@@ -89,17 +89,9 @@ def read_series(directory: Path | None = None) -> Series:
     directory = Path(directory) if directory is not None else default_series_dir()
     try:
         order = (directory / "series").read_text().splitlines()
-        manifest_lines = (directory / "manifest").read_text().splitlines()
     except OSError as e:
         raise SeriesError(f"cannot read the series: {e}", str(directory)) from e
-    manifest: dict[str, str] = {}
-    for line in manifest_lines:
-        if not line.strip() or line.startswith("#"):
-            continue
-        digest, _, path = line.partition("  ")
-        if len(digest) != 64 or not path:
-            raise SeriesError(f"malformed manifest line {line!r}", str(directory / "manifest"))
-        manifest[path.strip()] = digest
+    manifest = read_manifest(directory)
     patches = []
     for line in order:
         name = line.split("#", 1)[0].strip()
@@ -110,6 +102,23 @@ def read_series(directory: Path | None = None) -> Series:
             if fp.path not in manifest:
                 raise SeriesError(f"{patch.name} touches a file missing from the manifest", fp.path)
     return Series(directory, patches, manifest)
+
+
+def read_manifest(directory: Path) -> dict[str, str]:
+    """The manifest of a series directory: relative path -> sha256, in file order."""
+    try:
+        lines = (directory / "manifest").read_text().splitlines()
+    except OSError as e:
+        raise SeriesError(f"cannot read the series: {e}", str(directory)) from e
+    manifest: dict[str, str] = {}
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        digest, _, path = line.partition("  ")
+        if len(digest) != 64 or not path:
+            raise SeriesError(f"malformed manifest line {line!r}", str(directory / "manifest"))
+        manifest[path.strip()] = digest
+    return manifest
 
 
 def parse_patch(name: str, text: str) -> Patch:

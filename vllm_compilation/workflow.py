@@ -29,6 +29,7 @@ from vllm_compilation.series import (
     SeriesError,
     apply_series,
     default_series_dir,
+    read_manifest,
     read_series,
 )
 
@@ -168,13 +169,7 @@ def check(series_dir: Path | None = None) -> CheckResult:
         return CheckResult(None, str(e), [])
     apply_error = None
     try:
-        if series_dir is None:
-            loader.patched_sources()  # exactly what the plugin does
-        else:
-            vllm_dir = loader.vllm_package_dir()
-            if vllm_dir is None:
-                raise SeriesError("vLLM is not installed")
-            apply_series(series, loader.read_pristine(vllm_dir.parent, series.targets))
+        loader.patched_sources(series)  # exactly what the plugin does
     except SeriesError as e:
         apply_error = str(e)
     return CheckResult(series, apply_error, header_problems(series))
@@ -381,14 +376,10 @@ def _single_root(repo: Path) -> str:
 
 def _manifest_order(series_dir: Path, paths: list[str]) -> list[str]:
     """The order of the current manifest, then the loader's module order, then by name."""
-    known: list[str] = []
     try:
-        for line in (series_dir / "manifest").read_text().splitlines():
-            _, _, path = line.partition("  ")
-            if path.strip() and not line.startswith("#"):
-                known.append(path.strip())
-    except OSError:
-        pass
+        known = list(read_manifest(series_dir))
+    except SeriesError:
+        known = []
     known += [f"vllm/compilation/{name}.py" for name in loader.ALL_MODULES]
 
     def key(path: str) -> tuple[int, str]:
