@@ -161,7 +161,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vllm_compilation.demo import run_demo
+    from vllm_compilation.harness.demo import run_demo
 
     scenario_args = ["--splitting"] if not args.no_splitting else []
     for option in ("sizes", "split_points", "compile_sizes", "max_tokens"):
@@ -172,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vllm_compilation.bench import Workload, run_bench
+    from vllm_compilation.harness.bench import Workload, run_bench
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]

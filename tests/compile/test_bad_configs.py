@@ -19,7 +19,7 @@ from vllm.compilation.counter import compilation_counter
 from vllm.config.utils import Range
 
 from tests.conftest import run_python
-from vllm_compilation import toy_model
+from vllm_compilation.harness import toy_model
 
 HIDDEN = 8
 
@@ -43,7 +43,7 @@ CASES: dict[str, dict] = {
 
 NORMALIZE = r"""
 import json, sys
-from vllm_compilation import toy_model
+from vllm_compilation.harness import toy_model
 cases = json.loads(sys.argv[1])
 out = {}
 for name, kw in cases.items():
@@ -99,18 +99,21 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("name", ACCEPTED)
 def test_odd_config_compiles_up_front_and_serves_every_size(name: str) -> None:
+    """The engine's profile forward compiles every entry; every batch size is then served.
+
+    The engine's warm-up (compile_or_warm_up_model) is left out: it runs a forward of every
+    compile size, and vLLM's model runner rejects the sizes no batch can have.
+    """
     config = toy_model.make_vllm_config(**CASES[name])
-    model = toy_model.build_model(config, hidden=HIDDEN)
-    batches = _batches(config)
+    driver = toy_model.load(config, hidden=HIDDEN)
     expected = len(_entries(config))
     with compilation_counter.expect(num_backend_compilations=expected):
-        # the largest first: Dynamo would specialize a first batch of 1
-        toy_model.run_forward(model, config, batches[-1], HIDDEN)
+        driver.profile_run()  # max_num_batched_tokens, the largest batch
     with compilation_counter.expect(num_backend_compilations=0, num_inductor_compiles=0):
-        for batch in batches:
-            x = torch.linspace(-1, 1, batch * HIDDEN).reshape(batch, HIDDEN)
-            out = toy_model.run_forward(model, config, batch, HIDDEN)
-            torch.testing.assert_close(out, toy_model.eager_reference(model, x))
+        for batch in _batches(config):
+            out = driver.execute_model(batch)
+            inputs = driver.inputs(batch)
+            torch.testing.assert_close(out, toy_model.eager_reference(driver.model, inputs))
 
 
 @pytest.mark.parametrize(
@@ -122,6 +125,6 @@ def test_compile_sizes_no_batch_can_have_are_skipped(name: str, compiled: int) -
     """Stock never reaches them lazily; compiling them up front would fail (negative) or waste
     time, so the fork leaves them out with one warning and compiles the rest."""
     config = toy_model.make_vllm_config(**CASES[name])
-    model = toy_model.build_model(config, hidden=HIDDEN)
+    driver = toy_model.load(config, hidden=HIDDEN)
     with compilation_counter.expect(num_backend_compilations=compiled):
-        toy_model.run_forward(model, config, 3, HIDDEN)
+        driver.profile_run()

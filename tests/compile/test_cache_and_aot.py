@@ -1,13 +1,16 @@
 """Warm starts, vLLM's compile cache and the AOT artifact, across real processes.
 
 Each test runs ``python -m tests.compile.probe`` in fresh processes that share this test's
-``VLLM_CACHE_ROOT`` and ``TORCHINDUCTOR_CACHE_DIR``, as a restarted server does.
+``VLLM_CACHE_ROOT`` and ``TORCHINDUCTOR_CACHE_DIR``, as a restarted server does. The probe
+starts the model as vLLM's engine does: built under the config, then the profile forward and
+the warm-up forwards, then the serving forwards, none of them under a current config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from tests.conftest import run_python
 
 ALL_SIZES = "64,1,4,16,24,48,64,8192,128"  # hits every range and every compile size
+STARTUP = 6  # forwards of the engine's start-up: profile, 4 warm-up, final warm-up
 
 
 def probe(*args: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
@@ -43,41 +47,77 @@ MODES = {
     "aot": {"VLLM_USE_AOT_COMPILE": "1"},
     "mega-aot": {"VLLM_USE_AOT_COMPILE": "1", "VLLM_USE_MEGA_AOT_ARTIFACT": "1"},
 }
+PROGRESS = re.compile(r"\[\d+/6\] loaded piece 1/1, range \(\d+, \d+\) from the cache")
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_warm_start_loads_every_range_and_writes_nothing(isolated_caches: Path, mode: str) -> None:
+    """A restarted engine loads everything before its first forward computes, and only then.
+
+    The probe reads vLLM's counters when the model is loaded, when the first forward starts
+    computing (an op at the start of the model's graph, inside the compiled code), and at the
+    end. On the AOT paths the artifact is loaded inside the first call (decorators.py), as in
+    stock vLLM; what must not happen is a load or compile once the forward has started.
+    """
     env = MODES[mode]
     aot = env["VLLM_USE_AOT_COMPILE"]
     # The first process serves one size only: stock would never save its cache then.
     cold, _ = probe("--sizes", "64", env=env)
-    assert cold["backend_compilations"] == [6]
+    assert cold["startup_backend"] == [6] + [0] * (STARTUP - 1)
+    assert cold["backend_compilations"] == [0]
     if aot == "1":
         assert len(aot_artifacts(isolated_caches / "vllm")) == 1
     before = snapshot(isolated_caches)
 
     warm, output = probe("--sizes", ALL_SIZES, env=env)
-    assert warm["inductor_compiles"] == [0] * 9  # everything came from the caches
-    # Nor did torch compile behind vLLM's back: saving and loading used the same functorch
-    # and autograd-cache settings, so every lookup hit (upstream #35810, #36582).
-    assert warm["torch_cache"]["fxgraph_miss"] == 0
-    assert warm["torch_cache"]["autograd_miss"] == 0
     assert warm["outputs"]["64"] == cold["outputs"]["64"]
     assert warm["max_abs_error"] < 1e-4
-    if mode == "mega-aot":  # every range came with the artifact, before the first forward
-        assert warm["backend_compilations"] == [0] * 9
-    else:  # loaded from vLLM's compile cache inside the first forward
-        assert warm["backend_compilations"] == [6] + [0] * 8
+    assert not warm["config_current_at_forward"]
+    # Nothing compiled anywhere: not vLLM (its counter), not torch behind vLLM's back (its
+    # caches), because saving and loading used the same functorch settings (#35810, #36582).
+    assert warm["counters_at_end"][1] == 0
+    assert warm["torch_cache"]["fxgraph_miss"] == 0
+    assert warm["torch_cache"]["autograd_miss"] == 0
+    # Everything was loaded before the first forward computed, nothing after.
+    assert warm["counters_at_load"] == [0, 0]
+    assert warm["counters_at_first_forward"] == warm["counters_at_end"]
+    assert warm["startup_backend"][1:] == [0] * (STARTUP - 1)
+    assert warm["backend_compilations"] == [0] * 9
+    if mode == "mega-aot":  # every range came with the artifact, not from vLLM's cache
+        assert warm["counters_at_end"] == [0, 0]
+    else:  # the 6 entries from vLLM's compile cache, each counted as a backend compilation
+        assert warm["counters_at_end"] == [6, 0]
         assert "0 compiled, 6 loaded from cache" in output
+        assert len(PROGRESS.findall(output)) == 6
     if aot == "1":
-        assert "Directly load AOT compilation from path" in output
+        # decorators.py says it loaded the artifact once every range is loaded, before the call
+        lines = output.splitlines()
+        loaded_at = next(
+            i for i, ln in enumerate(lines) if "Directly load AOT compilation from path" in ln
+        )
+        assert not any(PROGRESS.search(ln) for ln in lines[loaded_at:])
     # vLLM's cache and the AOT artifact: not a byte nor a timestamp changed. Inductor's own
-    # cache re-writes entries it loads (same bytes, new mtime): its content must not change.
+    # cache re-writes entries it loads (same bytes, new mtime): no file is added or changed.
     after = snapshot(isolated_caches)
     assert {k: v for k, v in after.items() if k.startswith("vllm")} == {
         k: v for k, v in before.items() if k.startswith("vllm")
     }
     assert {k: v[1] for k, v in after.items()} == {k: v[1] for k, v in before.items()}
+
+
+@pytest.mark.parametrize("mode", ["aot", "mega-aot"])
+def test_functorch_config_of_the_artifact_is_in_force_while_loading(
+    isolated_caches: Path, mode: str
+) -> None:
+    """The AOTAutograd config saved with the artifact, not the loading process's, applies."""
+    env = MODES[mode]
+    key = "activation_memory_budget"  # 1.0 by default; unused by inference graphs
+    cold, _ = probe("--sizes", "64", "--functorch", f"{key}=0.5", env=env)
+    warm, _ = probe("--sizes", "64", "--watch-functorch", key, env=env)
+    assert warm["functorch_during_load"], "nothing was loaded"
+    assert set(warm["functorch_during_load"]) == {0.5}
+    assert warm["counters_at_end"][1] == 0
+    assert warm["outputs"] == cold["outputs"]
 
 
 def test_disable_compile_cache_disables_aot_save_and_load(isolated_caches: Path) -> None:
@@ -89,22 +129,23 @@ def test_disable_compile_cache_disables_aot_save_and_load(isolated_caches: Path)
     off = {"VLLM_DISABLE_COMPILE_CACHE": "1"}
     first, _ = probe("--sizes", "64", env=off)
     assert aot_artifacts(isolated_caches / "vllm") == []  # not saved
-    assert first["backend_compilations"] == [6]
+    assert first["startup_backend"][0] == 6
 
     probe("--sizes", "64")  # with the cache on again, an artifact is saved
     assert len(aot_artifacts(isolated_caches / "vllm")) == 1
     again, output = probe("--sizes", "64", env=off)
     assert "Directly load AOT compilation" not in output  # and not loaded when off
-    assert again["backend_compilations"] == [6]
+    assert again["startup_backend"][0] == 6
 
 
 def test_piece_without_symbolic_input_on_every_path(isolated_caches: Path) -> None:
     sizes = ("--sizes", "5,40,16,1,128", "--weight-only-piece")
     cold, _ = probe(*sizes)
-    assert cold["backend_compilations"] == [12, 0, 0, 0, 0]
+    assert cold["startup_backend"] == [12] + [0] * (STARTUP - 1)
+    assert cold["backend_compilations"] == [0] * 5
     assert cold["max_abs_error"] < 1e-4
     warm, output = probe(*sizes)  # loaded from the AOT artifact and the compile cache
-    assert warm["inductor_compiles"] == [0] * 5
+    assert warm["counters_at_end"][1] == 0
     assert warm["outputs"] == cold["outputs"]
     assert "Directly load AOT compilation from path" in output
 
@@ -119,7 +160,7 @@ def test_compile_cache_is_shared_safely_with_stock_vllm(isolated_caches: Path, f
     assert written["fork_active"] == (first == "fork")
     read, _ = probe("--sizes", ALL_SIZES, env=reader)
     assert read["fork_active"] == (first == "stock")
-    assert read["inductor_compiles"] == [0] * 9
+    assert read["counters_at_end"][1] == 0  # no Inductor compile
     assert read["outputs"] == written["outputs"]
 
 
@@ -148,12 +189,12 @@ def test_corrupt_cache_recompiles_with_one_warning(isolated_caches: Path, damage
 
     warm, output = probe("--sizes", "64,4")
     assert warm["outputs"] == cold["outputs"]
-    assert warm["backend_compilations"][1:] == [0]
+    assert warm["counters_at_first_forward"] == warm["counters_at_end"]
     if damage == "aot":
         # traced again; the graphs themselves load from vLLM's cache; a good artifact is saved
         assert target.read_bytes() != b"garbage"
     else:
-        assert sum(warm["inductor_compiles"]) >= 1  # the unreadable entries compiled again
+        assert warm["counters_at_end"][1] >= 1  # the unreadable entries compiled again
     warnings = [ln for ln in output.splitlines() if "WARNING" in ln]
     assert len(warnings) == 1, warnings
     expected = (
@@ -197,5 +238,7 @@ def test_mega_artifact_missing_a_range_names_it_and_recompiles(isolated_caches: 
     assert len(warnings) == 1, warnings
     assert str(artifact) in warnings[0]
     assert "no precompiled artifact for compile range (128, 128) of submod_0" in warnings[0]
-    assert warm["backend_compilations"] == [6, 0]  # compiled again, every range, up front
+    # compiled again, every range, up front
+    assert warm["startup_backend"] == [6] + [0] * (STARTUP - 1)
+    assert warm["backend_compilations"] == [0, 0]
     assert warm["outputs"] == cold["outputs"]

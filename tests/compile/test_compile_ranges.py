@@ -4,6 +4,11 @@ The upstream scenario (vLLM PR #35472's tests): ranges split at [8, 32] with
 max_num_batched_tokens=8192, compile sizes [16, 64, 128], forwards 64, 1, 4, 16, 24, 48, 64,
 8192. Stock vLLM 0.17.x compiles 5 entries lazily (128 is never hit); the fork compiles all 6
 in the first forward and nothing after it.
+
+Every model here is driven as vLLM's engine drives it (``vllm_compilation.harness.engine``):
+built under the config, every forward without one, under ``set_forward_context`` and
+``torch.inference_mode()``; the engine's start-up runs the profile forward first, then the
+warm-up forwards, then serving.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from vllm.compilation.passes.inductor_pass import InductorPass, get_pass_context
 from vllm.config.utils import Range
 
 from tests.conftest import DEVICES
-from vllm_compilation import toy_model
+from vllm_compilation.harness import toy_model
+from vllm_compilation.harness.engine import EngineShapedDriver
 
 HIDDEN = 16
+UPSTREAM_ENTRIES = [Range(1, 8), Range(9, 32), Range(33, 8192)] + [
+    Range(s, s) for s in toy_model.UPSTREAM_COMPILE_SIZES
+]
 
 
 class RangeRecorder(InductorPass):
@@ -43,14 +52,15 @@ def _sorted(ranges) -> list[Range]:
     return sorted(ranges, key=lambda r: (r.start, r.end))
 
 
-def _inputs(batch: int, device: str) -> torch.Tensor:
-    return torch.linspace(-1, 1, batch * HIDDEN, device=device).reshape(batch, HIDDEN)
+def _load(config, **kwargs) -> EngineShapedDriver:
+    """The toy model, loaded as the worker loads it; every forward is checked against eager."""
+    driver = toy_model.load(config, hidden=HIDDEN, **kwargs)
 
+    def equals_eager(record, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        torch.testing.assert_close(output, toy_model.eager_reference(driver.model, inputs))
 
-def _forward(model: torch.nn.Module, config, batch: int, device: str) -> torch.Tensor:
-    out = toy_model.run_forward(model, config, batch, HIDDEN)
-    torch.testing.assert_close(out, toy_model.eager_reference(model, _inputs(batch, device)))
-    return out
+    driver.observers.append(equals_eager)
+    return driver
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,22 +69,58 @@ def test_upstream_scenario_compiles_six_entries_in_first_forward(device: str) ->
     config = toy_model.make_vllm_config(
         device=device, inductor_compile_config={"post_grad_custom_post_pass": recorder}
     )
-    model = toy_model.build_model(config, hidden=HIDDEN)
-    first, *rest = toy_model.UPSTREAM_FORWARD_SIZES
+    driver = _load(config)
 
     with compilation_counter.expect(num_backend_compilations=6, num_graphs_seen=1):
-        _forward(model, config, first, device)
-    assert _sorted(r for r, _ in recorder.seen) == _sorted(
-        [Range(1, 8), Range(9, 32), Range(33, 8192), Range(16, 16), Range(64, 64), Range(128, 128)]
-    )
+        driver.profile_run()
+    assert _sorted(r for r, _ in recorder.seen) == _sorted(UPSTREAM_ENTRIES)
 
-    # Serving: every size, including ones that are never compile sizes, compiles nothing.
+    # The rest of start-up and serving, including sizes that are no compile size, compile
+    # nothing.
     with compilation_counter.expect(
         num_backend_compilations=0, num_inductor_compiles=0, num_graphs_seen=0
     ):
-        for batch in rest:
-            _forward(model, config, batch, device)
+        driver.compile_or_warm_up_model()
+        for batch in toy_model.UPSTREAM_FORWARD_SIZES:
+            driver.execute_model(batch)
     assert len(recorder.seen) == 6
+    assert [r.phase for r in driver.records[:2]] == ["profile", "warmup"]
+
+
+def test_upstream_test_sequence_compiles_six_in_the_first_forward() -> None:
+    """Upstream's own test sequence (64 first, no start-up) with the engine's conventions.
+
+    Stock compiles 5 entries over these forwards (tests/compile/test_stock_baseline.py).
+    """
+    driver = _load(toy_model.make_vllm_config())
+    first, *rest = toy_model.UPSTREAM_FORWARD_SIZES
+    with compilation_counter.expect(num_backend_compilations=6):
+        driver.execute_model(first)
+    with compilation_counter.expect(num_backend_compilations=0, num_inductor_compiles=0):
+        for batch in rest:
+            driver.execute_model(batch)
+
+
+def test_forwards_run_without_a_current_vllm_config() -> None:
+    """What the model sees at forward time is what vLLM's engine gives it: no current config.
+
+    The observing op runs inside the compiled code of every forward, so this holds whatever
+    the driver does; the driver refuses to run a forward inside a config context at all.
+    """
+    from vllm.config import set_current_vllm_config
+
+    config = toy_model.make_vllm_config(splitting=True)
+    driver = _load(config)
+    seen_before = len(toy_model.forward_observations)
+    driver.start()
+    driver.execute_model(24)
+    seen = toy_model.forward_observations[seen_before:]
+    compiled = len(driver.records)
+    assert len(seen) == 2 * compiled  # each forward, and its eager reference
+    assert not any(observation.config_current for observation in seen)
+
+    with set_current_vllm_config(config), pytest.raises(RuntimeError, match="without one"):
+        driver.execute_model(24)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,9 +132,9 @@ def test_single_sizes_are_static_and_ranges_symbolic(device: str) -> None:
         device=device,
         inductor_compile_config={"post_grad_custom_post_pass": recorder},
     )
-    model = toy_model.build_model(config, hidden=HIDDEN)
+    driver = _load(config)
     with compilation_counter.expect(num_backend_compilations=3):
-        _forward(model, config, 5, device)
+        driver.start()
 
     static = [r for r, symbolic in recorder.seen if not symbolic]
     dynamic = [r for r, symbolic in recorder.seen if symbolic]
@@ -97,31 +143,33 @@ def test_single_sizes_are_static_and_ranges_symbolic(device: str) -> None:
 
 
 def test_second_model_with_same_config_compiles_nothing_new() -> None:
-    config = toy_model.make_vllm_config()
-    first_model = toy_model.build_model(config, hidden=HIDDEN)
-    _forward(first_model, config, 64, "cpu")
+    _load(toy_model.make_vllm_config()).start()
 
     torch._dynamo.reset()
-    again = toy_model.make_vllm_config()
-    second_model = toy_model.build_model(again, hidden=HIDDEN)
+    second = _load(toy_model.make_vllm_config())
     misses = counters["inductor"]["fxgraph_cache_miss"]
     with compilation_counter.expect(num_inductor_compiles=0):
+        second.start()
         for batch in toy_model.UPSTREAM_FORWARD_SIZES:
-            _forward(second_model, again, batch, "cpu")
+            second.execute_model(batch)
     assert counters["inductor"]["fxgraph_cache_miss"] == misses
 
 
 def test_single_size_compile_allocates_no_real_inputs() -> None:
-    """A compile size whose real inputs would need ~64 GiB compiles without allocating them."""
+    """A compile size whose real inputs would need ~64 GiB compiles without allocating them.
+
+    The engine's profile run would itself need those 64 GiB, so the first forward here is a
+    small serving forward, as in upstream's test sequence.
+    """
     huge = 2**22  # x 4096 float32 = 64 GiB for the input alone
     config = toy_model.make_vllm_config(
         split_points=[], compile_sizes=[huge], max_num_batched_tokens=huge
     )
-    model = toy_model.build_model(config, hidden=4096)
+    driver = toy_model.load(config, hidden=4096)
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with compilation_counter.expect(num_backend_compilations=2):
-        toy_model.run_forward(model, config, 3, 4096)
+        driver.execute_model(3)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 2 * 1024 * 1024, f"peak RSS grew by {grown_kib} KiB"

@@ -17,13 +17,18 @@ from tests.conftest import run_python
 
 FORWARDS = """
 import sys
-from vllm_compilation import install, toy_model
+from vllm_compilation import install
 install()
+from vllm_compilation.harness import toy_model
 config = toy_model.make_vllm_config(splitting=True, compile_sizes=[16, 64, 128])
-model = toy_model.build_model(config)
+driver = toy_model.load(config)
+print("PROFILE", flush=True)
+driver.profile_run()
+print("WARMUP", flush=True)
+driver.compile_or_warm_up_model()
 for batch in [64, 1, 4, 16, 24, 48, 64, 8192]:
     print(f"FORWARD {batch}", flush=True)
-    toy_model.run_forward(model, config, batch)
+    driver.execute_model(batch)
 print("DONE", flush=True)
 """
 PROGRESS = re.compile(
@@ -44,7 +49,7 @@ def _between(lines: list[str], start: str, end: str) -> list[str]:
 
 
 def _check_startup(lines: list[str], verb: str) -> None:
-    first = _between(lines, "FORWARD 64", "FORWARD 1")
+    first = _between(lines, "PROFILE", "WARMUP")
     progress = [m for m in map(PROGRESS.search, first) if m]
     assert [int(m.group(1)) for m in progress] == list(range(1, 13))
     assert {m.group(2) for m in progress} == {verb}
@@ -58,8 +63,8 @@ def _check_startup(lines: list[str], verb: str) -> None:
     assert sum("Initial run of the compiled model took" in line for line in first) == 1
     assert not any("happened during the initial run" in line for line in lines)
     assert not any("torch.compile takes" in line for line in lines)  # stock's line
-    # serving logs nothing: no line repeats per forward
-    after = _between(lines, "FORWARD 1", "DONE")
+    # the warm-up and serving log nothing: no line repeats per forward
+    after = _between(lines, "WARMUP", "DONE")
     assert all(line.startswith("FORWARD ") for line in after), after
 
 

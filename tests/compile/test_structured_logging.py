@@ -3,7 +3,8 @@
 One splitting op (2 pieces), compile_sizes=[8], one forward of size 8: 1
 ``vllm_compilation_config`` artifact, 1 ``vllm_piecewise_split_graph`` graph dump, 2
 ``vllm_submod_*`` graph dumps and 4 ``vllm_piecewise_compile_start`` artifacts (2 pieces x 2
-entries; stock vLLM logs 2, for the entries it happens to hit). As in upstream's test,
+entries; stock vLLM logs 2, for the entries it happens to hit). The model is driven as vLLM's
+engine drives it; its first forward is the engine's profile run. As in upstream's test,
 ``trace_structured`` is intercepted in the two modules that emit these events, and payloads are
 not built.
 """
@@ -18,7 +19,7 @@ import vllm.compilation.backends as backends
 import vllm.compilation.piecewise_backend as piecewise_backend
 
 from tests.conftest import DEVICES
-from vllm_compilation import toy_model
+from vllm_compilation.harness import toy_model
 
 
 class EventRecorder:
@@ -41,8 +42,8 @@ def test_structured_log_events_for_every_entry(device: str, monkeypatch) -> None
     config = toy_model.make_vllm_config(
         split_points=[], compile_sizes=[8], splitting=True, device=device
     )
-    model = toy_model.build_model(config)
-    toy_model.run_forward(model, config, 8)
+    driver = toy_model.load(config)
+    driver.profile_run()  # the engine's first forward
 
     assert recorder.count("artifact", "vllm_compilation_config") == 1
     assert recorder.count("graph_dump", "vllm_piecewise_split_graph") == 1
@@ -52,7 +53,8 @@ def test_structured_log_events_for_every_entry(device: str, monkeypatch) -> None
     starts = Counter(n for k, n in recorder.events if k == "graph_dump")
     assert all(count == 1 for count in starts.values()), starts
 
-    # later forwards log nothing more
+    # the warm-up (a forward of size 8 among them) and serving log nothing more
     before = len(recorder.events)
-    toy_model.run_forward(model, config, 3)
+    driver.compile_or_warm_up_model()
+    driver.execute_model(3)
     assert len(recorder.events) == before

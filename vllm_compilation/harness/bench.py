@@ -1,13 +1,15 @@
 """``vllm-compilation bench``: stock vLLM against the fork, measured with repetitions.
 
 Two workloads, each run as stock/fork pairs, every run in its own process with fresh caches
-(``vllm_compilation.demo.run_side``); the order inside a pair alternates (stock first, then
-fork first, ...) so that drift on a shared machine falls on both sides alike:
+(``vllm_compilation.harness.demo.run_side``); the order inside a pair alternates (stock first,
+then fork first, ...) so that drift on a shared machine falls on both sides alike. Every run
+starts the model as vLLM's engine does (profile forward, warm-up forwards) and then serves:
 
-- ``sweep``: the toy model with many compile ranges and compile sizes, and forwards that hit
-  every range and every compile size, twice. Stock vLLM compiles each entry in the first
-  forward that hits it, so both sides compile the same entries; the second pass is the steady
-  state. Gives compile counts, compile time and the per-call latency over the sweep.
+- ``sweep``: the toy model with many compile ranges and compile sizes, and serving forwards
+  that hit every range and every compile size, twice. Stock vLLM compiles each entry in the
+  first forward that hits it (the engine's warm-up hits some), so both sides compile the same
+  entries; the second pass is the steady state. Gives compile counts, compile time and the
+  per-call latency over the start-up and the sweep.
 - ``memory``: the toy model with large weights (``hidden`` 4096: 64 MiB per float32 weight)
   and three compile sizes, one pass. A fork that made real inputs (weights included) for each
   compile size would show in the peak memory.
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vllm_compilation.demo import default_device, run_side
+from vllm_compilation.harness.demo import default_device, run_side
 
 COMPILE_TIME_LIMIT = 1.05  # fork/stock total compile time
 PEAK_MEMORY_LIMIT = 1.05  # fork/stock peak memory
@@ -38,6 +40,7 @@ RATIO_METRICS = (
     "backend_compile_s",
     "vllm_compilation_time_s",
     "first_forward_s",
+    "startup_s",
     "median_later_forward_s",
     "slowest_later_forward_s",
     "peak_memory_bytes",
@@ -125,24 +128,29 @@ class Workload:
 
 def run_metrics(result: dict[str, Any], passes: int) -> dict[str, Any]:
     """The figures of one run, from the scenario's result."""
-    timings = [result["first_forward_s"], *result["later_forward_s"]]
     later = result["later_forward_s"]
     compile_time = None
     if passes >= 2:
-        # everything the first pass took beyond the steady state: Dynamo, every compile (or
-        # cache load) and whatever else compiling costs, on the same clock for both sides
-        n = len(timings) // passes
-        compile_time = sum(a - b for a, b in zip(timings[:n], timings[-n:], strict=True))
+        # everything the start-up and the first pass took beyond their steady state: Dynamo,
+        # every compile (or cache load) and whatever else compiling costs, on the same clock
+        # for both sides
+        n = len(later) // passes
+        first_pass = result["startup_s"] + sum(later[:n])
+        steady = result["startup_steady_s"] + sum(later[-n:])
+        compile_time = first_pass - steady
     median_later = statistics.median(later) if later else 0.0
     slowest = max(later, default=0.0)
     return {
         "compiles_first_forward": result["compiles_first_forward"],
+        "compiles_warmup": result["compiles_warmup"],
+        "compiles_serving": result["compiles_serving"],
         "compiles_after_first_forward": result["compiles_after_first_forward"],
         "compiles_total": result["compiles_total"],
         "compile_time_s": compile_time,
         "backend_compile_s": sum(result["backend_compile_s_per_forward"]),
         "vllm_compilation_time_s": result["vllm_compilation_time_s"],
         "first_forward_s": result["first_forward_s"],
+        "startup_s": result["startup_s"],
         "median_later_forward_s": median_later,
         "slowest_later_forward_s": slowest,
         "slowest_over_median": slowest / median_later if median_later else None,
@@ -151,13 +159,18 @@ def run_metrics(result: dict[str, Any], passes: int) -> dict[str, Any]:
     }
 
 
+def all_forwards_s(result: dict[str, Any]) -> list[float]:
+    """Every forward of a run in order: the engine's start-up, then serving."""
+    return [*result["startup_forward_s"], *result["later_forward_s"]]
+
+
 def per_forward_medians(results: Sequence[dict[str, Any]]) -> list[float]:
-    """Each forward's latency, the median over the runs (all runs make the same forwards).
+    """Each serving forward's latency, the median over the runs (all make the same forwards).
 
     A preemption that hits one run at some forward drops out; whatever happens at the same
     forward in every run (a compile, a first call) stays.
     """
-    runs = [[r["first_forward_s"], *r["later_forward_s"]] for r in results]
+    runs = [r["later_forward_s"] for r in results]
     return [statistics.median(calls) for calls in zip(*runs, strict=True)]
 
 
@@ -235,14 +248,13 @@ def run_workload(
             (m["slowest_over_median"] for m in metrics if m["slowest_over_median"] is not None),
             default=None,
         )
-        per_forward = per_forward_medians([p[side]["result"] for p in pairs])
-        summary[side]["per_forward_median_s"] = per_forward
-        later = per_forward[1:]
+        later = per_forward_medians([p[side]["result"] for p in pairs])
+        summary[side]["per_forward_median_s"] = later
         summary[side]["slowest_over_median_of_medians"] = (
             max(later) / statistics.median(later) if later and statistics.median(later) else None
         )
         if later:
-            index = later.index(max(later)) + 2  # 1-based, after the first forward
+            index = later.index(max(later)) + 1  # 1-based, among the serving forwards
             summary[side]["slowest_later_forward"] = {
                 "index": index,
                 "size": workload.forwards()[index - 1],
@@ -279,7 +291,8 @@ def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any
                 after,
                 0,
                 after == 0,
-                f"compilations after the first forward, summed over all {len(runs)} fork runs",
+                "compilations after the first forward (warm-up and serving), summed over all "
+                f"{len(runs)} fork runs",
             )
         )
     sweep = workloads.get("sweep")
@@ -293,8 +306,8 @@ def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any
                 value,
                 SLOWEST_OVER_MEDIAN_LIMIT,
                 value is not None and value <= SLOWEST_OVER_MEDIAN_LIMIT,
-                "slowest / median later forward of the fork's sweep, each forward's latency "
-                "taken as its median over the runs; the slowest is forward "
+                "slowest / median serving forward of the fork's sweep, each forward's latency "
+                "taken as its median over the runs; the slowest is serving forward "
                 f"{slowest['index']} (size {slowest['size']}); per run the ratio is "
                 f"{_fmt_ratio(fork['slowest_over_median'])} (median), "
                 f"{_fmt_ratio(fork['worst_slowest_over_median'])} (worst)",
@@ -311,7 +324,8 @@ def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any
                 value,
                 COMPILE_TIME_LIMIT,
                 same and value is not None and value <= COMPILE_TIME_LIMIT,
-                "fork/stock compile time (first pass minus steady state), median of the pairs; "
+                "fork/stock compile time (start-up and first pass minus their steady state), "
+                "median of the pairs; "
                 + (
                     "both sides compiled the same number of entries in every pair"
                     if same
@@ -357,15 +371,17 @@ def _fmt_count(value: float | None) -> str:
 
 ROWS: list[tuple[str, str, Callable[[float | None], str]]] = [
     ("compilations in the first forward", "compiles_first_forward", _fmt_count),
-    ("compilations after it", "compiles_after_first_forward", _fmt_count),
+    ("compilations in the warm-up forwards", "compiles_warmup", _fmt_count),
+    ("compilations while serving", "compiles_serving", _fmt_count),
     ("compile time (first pass - steady state)", "compile_time_s", _fmt_seconds),
     ("time in CompilerManager.compile", "backend_compile_s", _fmt_seconds),
     ("  the same, per entry (median of ratios)", "compile_per_entry", _fmt_ratio),
     ("vLLM's compilation_time", "vllm_compilation_time_s", _fmt_seconds),
-    ("first forward", "first_forward_s", _fmt_seconds),
-    ("median later forward", "median_later_forward_s", _fmt_seconds),
-    ("slowest later forward", "slowest_later_forward_s", _fmt_seconds),
-    ("slowest / median later forward, per run", "slowest_over_median", _fmt_ratio),
+    ("first forward (profile run)", "first_forward_s", _fmt_seconds),
+    ("start-up forwards (profile run + warm-up)", "startup_s", _fmt_seconds),
+    ("median serving forward", "median_later_forward_s", _fmt_seconds),
+    ("slowest serving forward", "slowest_later_forward_s", _fmt_seconds),
+    ("slowest / median serving forward, per run", "slowest_over_median", _fmt_ratio),
     ("  the same, per-forward medians", "slowest_over_median_of_medians", _fmt_ratio),
     ("peak memory", "peak_memory_bytes", _fmt_mib),
 ]
@@ -418,7 +434,11 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot_latency(report: dict[str, Any], path: str) -> None:
-    """PNG of per-call latency over the sweep: median over runs, band from fastest to slowest."""
+    """PNG of per-call latency: the engine's start-up forwards, then the sweep.
+
+    The median over runs as a line, the band from fastest to slowest, a cross where a
+    forward compiled.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,14 +446,13 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
 
     sweep = report["workloads"]["sweep"]
     workload = Workload(**sweep["config"])
-    forwards = workload.forwards()
-    x = list(range(1, len(forwards) + 1))
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(forwards)), 4.8))
+    first_run = sweep["pairs"][0]["fork"]["result"]
+    startup = first_run["startup_sizes"]
+    labels = [f"s{n}" for n in startup] + [str(n) for n in workload.forwards()]
+    x = list(range(1, len(labels) + 1))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(labels)), 4.8))
     for side, color in (("stock", "tab:red"), ("fork", "tab:blue")):
-        runs = [
-            [p[side]["result"]["first_forward_s"], *p[side]["result"]["later_forward_s"]]
-            for p in sweep["pairs"]
-        ]
+        runs = [all_forwards_s(p[side]["result"]) for p in sweep["pairs"]]
         per_call = list(zip(*runs, strict=True))
         median_ms = [statistics.median(c) * 1e3 for c in per_call]
         label = "stock vLLM 0.17" if side == "stock" else "vllm-compilation (fork)"
@@ -447,11 +466,9 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
                 alpha=0.2,
                 linewidth=0,
             )
-        compiled = [
-            i
-            for i, n in enumerate(sweep["pairs"][0][side]["result"]["compiles_per_forward"], 1)
-            if n
-        ]
+        result = sweep["pairs"][0][side]["result"]
+        compiles = [*result["startup_compiles_per_forward"], *result["compiles_per_forward"]]
+        compiled = [i for i, n in enumerate(compiles, 1) if n]
         ax.plot(
             compiled,
             [median_ms[i - 1] for i in compiled],
@@ -461,15 +478,18 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
             color=color,
         )
     n = len(workload.sweep_sizes())
-    for boundary in range(n, len(forwards), n):
+    for boundary in range(len(startup), len(labels), n):
         ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels([str(s) for s in forwards], rotation=90, fontsize=7)
-    ax.set_xlabel("forward (batch size), in order; dashed: start of the next pass")
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_xlabel(
+        "forward (batch size), in order: s = the engine's start-up (profile run, warm-up); "
+        "dashed: start of a serving pass"
+    )
     ax.set_ylabel("latency per call (ms, log)")
     ax.set_title(
-        f"Per-call latency over the sweep on {report['device']} "
+        f"Per-call latency on {report['device']} "
         f"({len(sweep['pairs'])} runs per side; x: a forward that compiled)",
         fontsize=10,
     )

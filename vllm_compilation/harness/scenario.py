@@ -1,9 +1,15 @@
-"""Run the toy scenario in this process and measure when compilation happens.
+"""Run the toy scenario in this process, as vLLM's engine would, and measure compilation.
 
-``python -m vllm_compilation.scenario --json`` prints one JSON object; the demo runs it in
-separate processes (stock: ``VLLM_COMPILATION_FORK=0``; fork: default), so the two never share
-modules or in-memory caches. Point ``TORCHINDUCTOR_CACHE_DIR`` and ``VLLM_CACHE_ROOT`` at
-fresh directories for cold-start figures.
+The model goes through the engine-shaped driver (:mod:`vllm_compilation.harness.engine`):
+loaded under the config, then the engine's start-up forwards (the profile run of
+``max_num_batched_tokens``, one warm-up forward per warm-up size, the final warm-up forward),
+then the serving forwards ``sizes``; finally the start-up sizes once more, to time their steady
+state.
+
+``python -m vllm_compilation.harness.scenario --json`` prints one JSON object; the demo runs it
+in separate processes (stock: ``VLLM_COMPILATION_FORK=0``; fork: default), so the two never
+share modules or in-memory caches. Point ``TORCHINDUCTOR_CACHE_DIR`` and ``VLLM_CACHE_ROOT``
+at fresh directories for cold-start figures.
 """
 
 from __future__ import annotations
@@ -22,12 +28,22 @@ from typing import Any
 class ScenarioResult:
     fork_active: bool
     device: str
-    sizes: list[int]
-    compiles_first_forward: int  # backend compilations during the first forward
-    compiles_after_first_forward: int
+    compile_ranges: list[list[int]]  # [start, end] of each compile range
+    compile_sizes: list[int]
+    pieces: int  # compiled pieces of the model (the splitting op makes two)
+    sizes: list[int]  # the serving forwards
+    startup_sizes: list[int]  # the engine's start-up forwards: profile, warm-ups, final
+    compiles_first_forward: int  # backend compilations in the first forward (profile run)
+    compiles_warmup: int  # ... in the rest of start-up (warm-up forwards)
+    compiles_serving: int  # ... while serving
     first_forward_s: float
-    later_forward_s: list[float] = field(default_factory=list)
-    compiles_per_forward: list[int] = field(default_factory=list)
+    startup_s: float  # all start-up forwards, the first included
+    startup_steady_s: float  # the same forwards again, after serving
+    compiles_after_first_forward: int = 0  # warm-up and serving together
+    startup_forward_s: list[float] = field(default_factory=list)  # the start-up forwards
+    later_forward_s: list[float] = field(default_factory=list)  # the serving forwards
+    compiles_per_forward: list[int] = field(default_factory=list)  # the serving forwards
+    startup_compiles_per_forward: list[int] = field(default_factory=list)
     max_abs_error: float = 0.0  # largest difference from the eager forward
     peak_memory_bytes: int | None = None
     compiles_total: int = 0  # backend compilations in all forwards
@@ -37,6 +53,7 @@ class ScenarioResult:
     backend_compiles: list[dict[str, Any]] = field(default_factory=list)
     vllm_compilation_time_s: float = 0.0  # vLLM's own compilation_config.compilation_time
     threads: int | None = None  # torch intra-op threads, when set
+    config_current_at_forward: bool = False  # a vLLM config was current in some forward
 
     @property
     def median_later_s(self) -> float:
@@ -47,6 +64,11 @@ class ScenarioResult:
         out["median_later_forward_s"] = self.median_later_s
         out["slowest_later_forward_s"] = max(self.later_forward_s, default=0.0)
         return out
+
+
+def _phase(text: str) -> None:
+    """One progress line on stderr, for the demo and bench to show while this runs."""
+    print(f"SCENARIO_PHASE {text}", file=sys.stderr, flush=True)
 
 
 def _peak_memory(device: str) -> int | None:
@@ -113,10 +135,10 @@ def run_scenario(
 ) -> ScenarioResult:
     import torch
 
-    from vllm_compilation import loader, toy_model
+    from vllm_compilation import loader
+    from vllm_compilation.harness import toy_model
 
     fork = loader.activate()
-    from vllm.compilation.counter import compilation_counter
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -129,45 +151,63 @@ def run_scenario(
         splitting=splitting,
         device=device,
     )
-    model = toy_model.build_model(config, hidden=hidden)
+    driver = toy_model.load(config, hidden=hidden)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    timings: list[float] = []
-    compiles: list[int] = []
+
     compile_s: list[float] = []
     max_error = 0.0
-    for batch in sizes:
-        before = compilation_counter.num_backend_compilations
-        timed_before = len(compile_calls)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = toy_model.run_forward(model, config, batch, hidden)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - started)
-        compiles.append(compilation_counter.num_backend_compilations - before)
+    timed_before = 0
+
+    def check(record: Any, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        nonlocal max_error, timed_before
         if time_compiles:
             compile_s.append(sum(call["s"] for call in compile_calls[timed_before:]))
-        x = torch.linspace(-1, 1, batch * hidden, device=device).reshape(batch, hidden)
-        expected = toy_model.eager_reference(model, x)
-        max_error = max(max_error, float((out - expected).abs().max()))
+            timed_before = len(compile_calls)
+        expected = toy_model.eager_reference(driver.model, inputs)
+        max_error = max(max_error, float((output - expected).abs().max()))
+
+    driver.observers.append(check)
+    _phase(f"profile run ({driver.max_num_tokens} tokens), the first forward")
+    driver.profile_run()
+    _phase(f"warm-up forwards ({', '.join(map(str, driver.warmup_sizes()))} tokens, then more)")
+    driver.compile_or_warm_up_model()
+    startup = list(driver.records)
+    _phase(f"serving {len(sizes)} forwards")
+    for size in sizes:
+        driver.execute_model(size)
+    serving = driver.phase("serve")
+    for record in startup:  # the steady state of the start-up forwards
+        driver.forward(record.num_tokens, "steady")
+    compiles_after = sum(r.backend_compilations for r in driver.records[1:])
+
     return ScenarioResult(
         fork_active=fork.active,
         device=device,
+        compile_ranges=[[r.start, r.end] for r in config.compilation_config.get_compile_ranges()],
+        compile_sizes=list(config.compilation_config.compile_sizes or []),
+        pieces=2 if splitting else 1,
         sizes=list(sizes),
-        compiles_first_forward=compiles[0],
-        compiles_after_first_forward=sum(compiles[1:]),
-        first_forward_s=timings[0],
-        later_forward_s=timings[1:],
-        compiles_per_forward=compiles,
+        startup_sizes=[r.num_tokens for r in startup],
+        compiles_first_forward=startup[0].backend_compilations,
+        compiles_warmup=sum(r.backend_compilations for r in startup[1:]),
+        compiles_serving=sum(r.backend_compilations for r in serving),
+        first_forward_s=startup[0].seconds,
+        startup_s=sum(r.seconds for r in startup),
+        startup_steady_s=sum(r.seconds for r in driver.phase("steady")),
+        compiles_after_first_forward=compiles_after,
+        startup_forward_s=[r.seconds for r in startup],
+        later_forward_s=[r.seconds for r in serving],
+        compiles_per_forward=[r.backend_compilations for r in serving],
+        startup_compiles_per_forward=[r.backend_compilations for r in startup],
         max_abs_error=max_error,
         peak_memory_bytes=_peak_memory(device),
-        compiles_total=sum(compiles),
+        compiles_total=sum(r.backend_compilations for r in driver.records),
         backend_compile_s_per_forward=compile_s,
         backend_compiles=compile_calls,
         vllm_compilation_time_s=float(config.compilation_config.compilation_time),
         threads=threads,
+        config_current_at_forward=any(o.config_current for o in toy_model.forward_observations),
     )
 
 
@@ -176,9 +216,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_compilation import toy_model
+    from vllm_compilation.harness import toy_model
 
-    parser = argparse.ArgumentParser(prog="python -m vllm_compilation.scenario")
+    parser = argparse.ArgumentParser(prog="python -m vllm_compilation.harness.scenario")
     parser.add_argument("--sizes", type=_int_list, default=toy_model.UPSTREAM_FORWARD_SIZES)
     parser.add_argument("--split-points", type=_int_list, default=toy_model.UPSTREAM_SPLIT_POINTS)
     parser.add_argument("--compile-sizes", type=_int_list, default=toy_model.UPSTREAM_COMPILE_SIZES)

@@ -1,20 +1,25 @@
 """A tiny model that goes through vLLM's real compilation path (Dynamo, split, Inductor).
 
-Used by the demo, the benchmark and the tests. Everything here is ordinary vLLM usage:
+Used by the demo, the benchmark and the tests, always through the engine-shaped driver
+(:mod:`vllm_compilation.harness.engine`). Everything here is ordinary vLLM usage:
 ``support_torch_compile``, a custom splitting op and a ``VllmConfig`` in VLLM_COMPILE mode.
-Importing this module imports ``vllm.compilation.decorators``, so activate the fork first.
+Building the model imports ``vllm.compilation.decorators``, so activate the fork first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from vllm_compilation.harness.engine import EngineShapedDriver
+
 SPLIT_OP_NAMESPACE = "vllm_compilation_toy"
 SPLIT_OP = f"{SPLIT_OP_NAMESPACE}::split_point"
+OBSERVE_OP = f"{SPLIT_OP_NAMESPACE}::observe_forward"  # not a splitting op
 
 # The upstream scenario: ranges [1,8] [9,32] [33,8192] plus single sizes 16, 64 and 128,
 # of which the forwards below never hit 128.
@@ -26,10 +31,27 @@ UPSTREAM_FORWARD_SIZES = [64, 1, 4, 16, 24, 48, 64, 8192]
 _libraries: list[torch.library.Library] = []  # keep registrations alive
 
 
+@dataclass(frozen=True)
+class ForwardObservation:
+    """What the model saw when one of its compiled forwards started computing."""
+
+    config_current: bool  # a vLLM config was current (the engine never sets one)
+    backend_compilations: int  # vLLM's counters at that moment
+    inductor_compiles: int
+
+
+# One entry per forward (compiled or eager): the observing op runs first in the model's graph,
+# inside the first compiled piece, after anything loaded or compiled before the forward.
+forward_observations: list[ForwardObservation] = []
+
+
 def register_cpu_ops() -> None:
     """Register the ops the toy model and vLLM's post-grad passes need, once per process.
 
     - ``vllm_compilation_toy::split_point``: the op the graph is split at (like attention).
+    - ``vllm_compilation_toy::observe_forward``: records what a forward sees when it starts
+      computing (see ``forward_observations``); it runs as an opaque call inside the
+      compiled code.
     - ``_C::rotary_embedding`` (schema only, never run) when ``vllm._C`` could not load: vLLM's
       always-on FixFunctionalizationPass looks it up, which fails on machines without CUDA.
     """
@@ -54,6 +76,31 @@ def register_cpu_ops() -> None:
             fake_impl=split_point_fake,
             target_lib=lib,
             # one kernel for every device: tests run the toy model on CPU and on CUDA
+            dispatch_key="CompositeExplicitAutograd",
+        )
+
+        def observe_forward(x: torch.Tensor) -> torch.Tensor:
+            from vllm.compilation.counter import compilation_counter
+            from vllm.config import get_current_vllm_config_or_none
+
+            forward_observations.append(
+                ForwardObservation(
+                    config_current=get_current_vllm_config_or_none() is not None,
+                    backend_compilations=compilation_counter.num_backend_compilations,
+                    inductor_compiles=compilation_counter.num_inductor_compiles,
+                )
+            )
+            return x.clone()
+
+        def observe_forward_fake(x: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(x)
+
+        direct_register_custom_op(
+            "observe_forward",
+            observe_forward,
+            mutates_args=[],
+            fake_impl=observe_forward_fake,
+            target_lib=lib,
             dispatch_key="CompositeExplicitAutograd",
         )
     try:
@@ -128,14 +175,21 @@ def _toy_model_class() -> type[nn.Module]:
         ) -> None:
             super().__init__()
             generator = torch.Generator().manual_seed(0)
-            self.w1 = nn.Parameter(torch.randn(hidden, hidden, generator=generator) * 0.1)
-            self.w2 = nn.Parameter(torch.randn(hidden, hidden, generator=generator) * 0.1)
+            # created on the CPU, so that every device gets the same values
+            w1 = torch.randn(hidden, hidden, generator=generator, device="cpu") * 0.1
+            w2 = torch.randn(hidden, hidden, generator=generator, device="cpu") * 0.1
+            # vLLM's weights do not require grad
+            self.w1 = nn.Parameter(w1.to(torch.get_default_device()), requires_grad=False)
+            self.w2 = nn.Parameter(w2.to(torch.get_default_device()), requires_grad=False)
             self.weight_only_piece = weight_only_piece
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.weight_only_piece:
                 w = torch.ops.vllm_compilation_toy.split_point(torch.relu(self.w1) + 0.5)
+                # observed in the second piece: the first must not see the input
+                x = torch.ops.vllm_compilation_toy.observe_forward(x)
                 return torch.tanh(x @ w) * 2.0
+            x = torch.ops.vllm_compilation_toy.observe_forward(x)
             x = torch.relu(x @ self.w1) + 1.0
             x = torch.ops.vllm_compilation_toy.split_point(x)
             return torch.tanh(x @ self.w2) * 2.0
@@ -146,33 +200,29 @@ def _toy_model_class() -> type[nn.Module]:
 _model_class: type[nn.Module] | None = None
 
 
-def build_model(
-    vllm_config: Any, *, hidden: int = 16, weight_only_piece: bool = False
-) -> nn.Module:
-    """Construct the toy model under ``vllm_config`` (as vLLM's model loader does)."""
+def model_class() -> type[nn.Module]:
+    """The toy model class, decorated with ``support_torch_compile`` (once per process)."""
     global _model_class
-    from vllm.config import set_current_vllm_config
-
     register_cpu_ops()
     if _model_class is None:
         _model_class = _toy_model_class()
-    device = vllm_config.device_config.device
-    with set_current_vllm_config(vllm_config), torch.device(device):
-        model = _model_class(
-            vllm_config=vllm_config, hidden=hidden, weight_only_piece=weight_only_piece
-        )
-    return model.requires_grad_(False)
+    return _model_class
+
+
+def load(
+    vllm_config: Any, *, hidden: int = 16, weight_only_piece: bool = False
+) -> EngineShapedDriver:
+    """The toy model loaded as vLLM's worker loads a model, ready for the engine's forwards."""
+    return EngineShapedDriver.load_model(
+        vllm_config,
+        model_class(),
+        input_width=hidden,
+        hidden=hidden,
+        weight_only_piece=weight_only_piece,
+    )
 
 
 def eager_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's forward without compilation, for comparing outputs."""
-    with torch.no_grad():
+    with torch.inference_mode():
         return model.forward(x)
-
-
-def run_forward(model: nn.Module, vllm_config: Any, batch: int, hidden: int = 16) -> Any:
-    from vllm.config import set_current_vllm_config
-
-    x = torch.linspace(-1, 1, batch * hidden, device=vllm_config.device_config.device)
-    with set_current_vllm_config(vllm_config), torch.no_grad():
-        return model(x.reshape(batch, hidden))
