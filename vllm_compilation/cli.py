@@ -47,7 +47,8 @@ def status_report() -> dict[str, Any]:
     return {
         "active": fork.active,
         "reason": reason,
-        "vllm_version": loader.installed_vllm_version(),
+        "vllm_version": loader.installed_vllm_version().version,
+        "vllm": loader.installed_vllm_version().describe(),
         "series": SERIES_NAME,
         "patches": patches,
         "modules": loader.module_states(),
@@ -66,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"vllm-compilation: {'active' if report['active'] else 'inactive'} ({report['reason']})")
-    print(f"vLLM:    {report['vllm_version']}")
+    print(f"vLLM:    {report['vllm']}")
     print(f"series:  {report['series']}")
     for patch in report["patches"]:
         print(f"  {patch.get('name', patch.get('error'))}")
@@ -84,9 +85,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Does the series apply to the installed vLLM, with full headers? Exit 0 if so, 1 if not."""
+    """Does the series apply to the installed vLLM, with full headers? Exit 0 if so, 1 if not.
+
+    On vLLM 0.18 or later the plugin stays off without an error; check agrees (exit 0) and
+    still checks the headers.
+    """
     result = workflow.check(args.series_dir)
-    if result.apply_error:
+    if result.not_needed and result.verdict is not None:
+        print(f"vllm-compilation check: not needed: {result.verdict.message()}")
+    elif result.apply_error:
         print(f"vllm-compilation check: FAILED: {result.apply_error}", file=sys.stderr)
         if result.series is not None:
             print(
@@ -99,9 +106,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not result.ok or result.series is None:
         return 1
     series = result.series
+    if result.not_needed:
+        print(
+            f"vllm-compilation check: OK: every header of the {len(series.patches)} patches "
+            "has What, Why, Origin, Upstream-Status, Removal and Signed-off-by"
+        )
+        return 0
     print(
         f"vllm-compilation check: OK: {len(series.patches)} patches of {SERIES_NAME} apply "
-        f"to vLLM {loader.installed_vllm_version()} ({len(series.manifest)} files match "
+        f"to {loader.installed_vllm_version().describe()} ({len(series.manifest)} files match "
         "the manifest); every header has What, Why, Origin, Upstream-Status, Removal and "
         "Signed-off-by"
     )

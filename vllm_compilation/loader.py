@@ -15,6 +15,7 @@ values of its globals kept.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.abc
@@ -35,6 +36,8 @@ from vllm_compilation.series import (
     SeriesError,
     apply_series,
     default_series_dir,
+    describe_os_error,
+    read_regular_file,
     read_series,
 )
 
@@ -57,6 +60,7 @@ class ForkState:
     active: bool = False
     reason: str = "not activated yet"  # why the fork is off (or how it is on)
     vllm_version: str | None = None
+    vllm_version_source: str | None = None  # where the version was read
     series: str = SERIES_NAME
     series_dir: str | None = None
     cache_dir: str | None = None
@@ -97,13 +101,74 @@ def vllm_package_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def installed_vllm_version() -> str | None:
-    try:
-        from importlib.metadata import version
+@dataclass(frozen=True)
+class VllmVersion:
+    """The version of the vLLM package that will run, and where it was read."""
 
-        return version("vllm")
-    except Exception:
+    package_dir: Path | None
+    version: str | None
+    source: str  # "version from its _version.py", "version from <dist-info>", or why unknown
+
+    def describe(self) -> str:
+        """``vLLM 0.17.1 at /site-packages/vllm (version from its _version.py)``."""
+        if self.package_dir is None:
+            return "vLLM (not installed)"
+        number = f" {self.version}" if self.version else ""
+        return f"vLLM{number} at {self.package_dir} ({self.source})"
+
+
+def _version_file(package_dir: Path) -> str | None:
+    """``__version__`` of the package's ``_version.py`` (setuptools-scm writes it at build
+    time), read without importing it."""
+    try:
+        tree = ast.parse(read_regular_file(package_dir / "_version.py"))
+    except (OSError, SyntaxError, ValueError):
         return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+            if "__version__" in names and isinstance(node.value.value, str):
+                return node.value.value
+    return None
+
+
+def _dist_info_version(package_dir: Path) -> tuple[str, str] | None:
+    """(version, dist-info name) of the installed distribution that owns ``package_dir``."""
+    from importlib.metadata import distributions
+
+    try:
+        init = (package_dir / "__init__.py").resolve()
+        for dist in distributions(name="vllm"):
+            if Path(str(dist.locate_file("vllm/__init__.py"))).resolve() == init:
+                where = getattr(dist, "_path", None)
+                return dist.version, Path(str(where)).name if where else "its dist-info"
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def package_version(package_dir: Path | None) -> VllmVersion:
+    """The version of the vLLM package in ``package_dir``, from the package's own files.
+
+    The first ``vllm`` dist-info on ``sys.path`` may belong to another install than the
+    package that is imported (a source tree put first on ``PYTHONPATH``), so a dist-info only
+    counts when it owns this very package.
+    """
+    if package_dir is None:
+        return VllmVersion(None, None, "not installed")
+    version = _version_file(package_dir)
+    if version:
+        return VllmVersion(package_dir, version, "version from its _version.py")
+    owned = _dist_info_version(package_dir)
+    if owned:
+        return VllmVersion(package_dir, owned[0], f"version from {owned[1]}")
+    return VllmVersion(
+        package_dir, None, "version unknown: no _version.py and no dist-info owns it"
+    )
+
+
+def installed_vllm_version() -> VllmVersion:
+    return package_version(vllm_package_dir())
 
 
 def _is_at_least_018(version: str | None) -> bool:
@@ -118,14 +183,18 @@ def _is_at_least_018(version: str | None) -> bool:
 
 
 def read_pristine(site_root: Path, paths: list[str]) -> dict[str, str]:
+    """The installed files' texts. Bytes that are not UTF-8 are kept (as surrogates), so
+    the manifest check hashes exactly the bytes on disk and reports such a file as one that
+    differs."""
     texts = {}
     for rel in paths:
         try:
-            texts[rel] = (site_root / rel).read_text()
+            data = read_regular_file(site_root / rel)
         except FileNotFoundError:
             continue  # apply_series names the missing file
         except OSError as e:
-            raise SeriesError(f"cannot be read: {e}", rel) from e
+            raise SeriesError(f"cannot be read: {describe_os_error(e)}", rel) from e
+        texts[rel] = data.decode("utf-8", "surrogateescape")
     return texts
 
 
@@ -149,6 +218,47 @@ def patched_sources(series: Series | None = None) -> tuple[dict[str, str], str]:
         "\0".join(f"{n}\0{s}" for n, s in sorted(sources.items())).encode()
     ).hexdigest()
     return sources, digest
+
+
+@dataclass
+class Verdict:
+    """What the series makes of the vLLM that will run: shared by activation and ``check``."""
+
+    vllm: VllmVersion
+    sources: dict[str, str] | None = None  # module -> patched source, when the series applies
+    digest: str = ""
+    error: SeriesError | None = None  # why it does not apply
+    eager: bool = False  # it does not apply, and this vLLM is 0.18 or later: nothing to do
+
+    def message(self) -> str:
+        """Why the fork stays off (empty when the series applies)."""
+        if self.eager:
+            return (
+                f"{self.vllm.describe()} already compiles every range up front; the fork stays off"
+            )
+        if self.error is None:
+            return ""
+        where = f"{self.error.path}: " if self.error.path else ""
+        return (
+            f"the {SERIES_NAME} series does not apply to {self.vllm.describe()}: "
+            f"{where}{self.error.reason}; stock vLLM keeps running with lazy compilation. "
+            "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`."
+        )
+
+
+def judge(series: Series | None = None) -> Verdict:
+    """Apply the series to the files that will run. Their hashes decide: a vLLM whose files
+    match the manifest gets the fork whatever its metadata says; one that does not is
+    upstream's own eager compilation when its version, read from the package itself, is 0.18
+    or later."""
+    vllm = installed_vllm_version()
+    try:
+        if series is None:
+            series = read_series()
+        sources, digest = patched_sources(series)
+    except SeriesError as e:
+        return Verdict(vllm, error=e, eager=_is_at_least_018(vllm.version))
+    return Verdict(vllm, sources, digest)
 
 
 def _cache_root() -> Path:
@@ -404,53 +514,57 @@ def activate(strict: bool | None = None) -> ForkState:
     with _lock:
         if _state.active:
             return _state
-        _state.vllm_version = installed_vllm_version()
-        if _env_flag(ENV_SWITCH) is False:
-            return _fail(f"turned off by {ENV_SWITCH}=0; stock vLLM runs", strict=strict, info=True)
-        if _is_at_least_018(_state.vllm_version):
-            return _fail(
-                f"vLLM {_state.vllm_version} already compiles every range up front; "
-                "the fork stays off",
-                strict=strict,
-                info=True,
-            )
         try:
-            sources, digest = patched_sources()
-        except SeriesError as e:
-            where = f"{e.path}: " if e.path else ""
+            return _activate(strict)
+        except ForkActivationError:
+            raise
+        except Exception as e:  # the plugin's boundary: vLLM lets a plugin's exception stop it
+            for finder in [f for f in sys.meta_path if isinstance(f, PatchedModuleFinder)]:
+                sys.meta_path.remove(finder)
             return _fail(
-                f"the {SERIES_NAME} series does not apply to vLLM {_state.vllm_version} "
-                f"({where}{e.reason}); stock vLLM keeps running with lazy compilation. "
-                "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`.",
+                f"activation failed unexpectedly ({type(e).__name__}: {e}); stock vLLM keeps "
+                "running. Please report it with the output of `vllm-compilation status`.",
                 strict=strict,
             )
-        early = _early_stock_modules()
-        if early:
-            return _fail(_early_import_reason(early), strict=strict)
-        try:
-            cache_dir, files = materialize(sources, digest)
-        except SeriesError as e:
-            return _fail(f"{e.reason}; stock vLLM keeps running", strict=strict)
-        loaders = {
-            f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
-            for name, path in files.items()
-        }
-        finder = PatchedModuleFinder(loaders)
-        sys.meta_path.insert(0, finder)
-        early = _early_stock_modules()  # imported by another thread meanwhile
-        if early:
-            sys.meta_path.remove(finder)
-            return _fail(_early_import_reason(early), strict=strict)
-        for name in RE_EXECUTABLE_MODULES:
-            module = sys.modules.get(f"{PACKAGE}.{name}")
-            if module is not None and not is_patched(module):
-                _re_execute(module, loaders[f"{PACKAGE}.{name}"])
-        _state.active = True
-        _state.reason = "patched modules are served for vllm.compilation"
-        _state.cache_dir = str(cache_dir)
-        _state.series_dir = str(default_series_dir())
-        _state.files = files
-        return _state
+
+
+def _activate(strict: bool) -> ForkState:
+    """The body of :func:`activate`, under its lock."""
+    if _env_flag(ENV_SWITCH) is False:
+        return _fail(f"turned off by {ENV_SWITCH}=0; stock vLLM runs", strict=strict, info=True)
+    verdict = judge()
+    _state.vllm_version = verdict.vllm.version
+    _state.vllm_version_source = verdict.vllm.source
+    if verdict.sources is None:
+        return _fail(verdict.message(), strict=strict, info=verdict.eager)
+    sources, digest = verdict.sources, verdict.digest
+    early = _early_stock_modules()
+    if early:
+        return _fail(_early_import_reason(early), strict=strict)
+    try:
+        cache_dir, files = materialize(sources, digest)
+    except SeriesError as e:
+        return _fail(f"{e.reason}; stock vLLM keeps running", strict=strict)
+    loaders = {
+        f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
+        for name, path in files.items()
+    }
+    finder = PatchedModuleFinder(loaders)
+    sys.meta_path.insert(0, finder)
+    early = _early_stock_modules()  # imported by another thread meanwhile
+    if early:
+        sys.meta_path.remove(finder)
+        return _fail(_early_import_reason(early), strict=strict)
+    for name in RE_EXECUTABLE_MODULES:
+        module = sys.modules.get(f"{PACKAGE}.{name}")
+        if module is not None and not is_patched(module):
+            _re_execute(module, loaders[f"{PACKAGE}.{name}"])
+    _state.active = True
+    _state.reason = "patched modules are served for vllm.compilation"
+    _state.cache_dir = str(cache_dir)
+    _state.series_dir = str(default_series_dir())
+    _state.files = files
+    return _state
 
 
 def mirror(mirror_name: str) -> None:

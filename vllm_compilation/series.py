@@ -16,6 +16,7 @@ reason; the caller decides whether that is a warning (stock vLLM keeps running) 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -103,7 +104,8 @@ def default_series_dir() -> Path:
 
 
 def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    """The sha256 of the bytes the text was read from (undecodable bytes kept as surrogates)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def split_lines(text: str) -> list[str]:
@@ -119,23 +121,32 @@ def split_lines(text: str) -> list[str]:
     return out
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """A regular UTF-8 file's text, or a :class:`SeriesError` saying why it cannot be used.
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; :class:`OSError` for anything else.
 
-    Only regular files are read: a FIFO would block a plain open (O_NONBLOCK returns at once
-    and the type is checked on the open file). The text must be UTF-8, as the series is.
+    A FIFO would block a plain open: O_NONBLOCK returns at once, and the type is checked on
+    the open file, so nothing can be swapped in between.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-        raise SeriesError(f"cannot read {what}: {_describe(e)}", str(path)) from e
-    with os.fdopen(fd, "rb") as f:
+    except ValueError as e:  # a NUL byte in the name
+        raise OSError(errno.EINVAL, str(e)) from e
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SeriesError(f"cannot read {what}: not a regular file", str(path))
-        try:
-            data = f.read()
-        except OSError as e:
-            raise SeriesError(f"cannot read {what}: {_describe(e)}", str(path)) from e
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A regular UTF-8 file's text (the series is UTF-8), or a :class:`SeriesError` saying why
+    it cannot be used."""
+    try:
+        data = read_regular_file(path)
+    except OSError as e:
+        raise SeriesError(f"cannot read {what}: {describe_os_error(e)}", str(path)) from e
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -145,10 +156,8 @@ def read_text_file(path: Path, what: str) -> str:
         ) from e
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error)
+def describe_os_error(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def read_series(directory: Path | None = None) -> Series:

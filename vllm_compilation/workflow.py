@@ -155,10 +155,17 @@ class CheckResult:
     series: Series | None  # None if the series cannot be read
     apply_error: str | None  # why it does not apply to the installed vLLM, if it does not
     header_problems: list[str]
+    verdict: loader.Verdict | None = None  # the plugin's verdict on the installed vLLM
+
+    @property
+    def not_needed(self) -> bool:
+        """vLLM 0.18 or later: the plugin stays off without an error, and so does check."""
+        return self.verdict is not None and self.verdict.eager
 
     @property
     def ok(self) -> bool:
-        return self.series is not None and not self.apply_error and not self.header_problems
+        applies = not self.apply_error or self.not_needed
+        return self.series is not None and applies and not self.header_problems
 
 
 def check(series_dir: Path | None = None) -> CheckResult:
@@ -167,12 +174,9 @@ def check(series_dir: Path | None = None) -> CheckResult:
         series = read_series(series_dir)
     except SeriesError as e:
         return CheckResult(None, str(e), [])
-    apply_error = None
-    try:
-        loader.patched_sources(series)  # exactly what the plugin does
-    except SeriesError as e:
-        apply_error = str(e)
-    return CheckResult(series, apply_error, header_problems(series))
+    verdict = loader.judge(series)  # exactly what the plugin decides
+    apply_error = str(verdict.error) if verdict.error else None
+    return CheckResult(series, apply_error, header_problems(series), verdict)
 
 
 # --- git -----------------------------------------------------------------------------------
@@ -233,16 +237,9 @@ class ExportResult:
 
 def _vllm_version_at(root: Path) -> str | None:
     """The version of the vLLM whose package is ``root/vllm``, if it can be told."""
-    installed = loader.vllm_package_dir()
-    if installed is not None and installed.parent.resolve() == root.resolve():
-        return loader.installed_vllm_version()
-    try:  # a wheel (installed or unpacked) has the version setuptools-scm wrote
-        text = (root / "vllm" / "_version.py").read_text()
-        match = re.search(r"^__version__ = version = ['\"]([^'\"]+)['\"]", text, re.M)
-        if match:
-            return match.group(1)
-    except OSError:
-        pass
+    version = loader.package_version(root / "vllm").version
+    if version:  # a wheel or a build: the package's _version.py, or its dist-info
+        return version
     if (root / ".git").exists():  # a source checkout: its tag, e.g. v0.17.1
         described = _git(root, "describe", "--tags", "--always", check=False)
         if described.returncode == 0 and described.stdout.strip():
@@ -421,13 +418,16 @@ def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult
         (out / "manifest").write_text(manifest)
         try:
             new_series = read_series(out)
-            patched = apply_series(new_series, {p: d.decode() for p, d in pristine.items()})
+            texts = {p: d.decode("utf-8", "surrogateescape") for p, d in pristine.items()}
+            patched = apply_series(new_series, texts)
         except SeriesError as e:
             raise WorkflowError(
                 f"the regenerated series would not be usable, nothing was written: {e}"
             ) from e
         for path, text in patched.items():
-            if text.encode() != _git_bytes(directory, "show", f"HEAD:{path}"):
+            if text.encode("utf-8", "surrogateescape") != _git_bytes(
+                directory, "show", f"HEAD:{path}"
+            ):
                 raise WorkflowError(
                     f"the regenerated series does not reproduce {path} of HEAD in {directory}; "
                     "nothing was written"
