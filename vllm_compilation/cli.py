@@ -157,6 +157,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         f"vllm-compilation refresh: {result.series_dir}: {len(result.patches)} patches; "
         f"{'changed: ' + changed if changed else 'nothing changed'}"
     )
+    if result.left_alone:
+        print(
+            f"left alone (not listed in the old series, not written by refresh): "
+            f"{', '.join(result.left_alone)}"
+        )
     if result.index is not None:
         print(f"index: {result.index}")
     for problem in result.header_problems:

@@ -318,7 +318,8 @@ class RefreshResult:
     series_dir: Path
     patches: list[str]  # the new series, in order
     written: list[str]  # files of the series directory whose content changed
-    removed: list[str]  # patch files no longer in the series
+    removed: list[str]  # patch files the old series listed and the new one does not
+    left_alone: list[str]  # other *.patch files in the directory, never listed by a series
     header_problems: list[str]
     index: Path | None  # docs/patches.md, when there is one to keep in step
 
@@ -395,6 +396,16 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def _listed(series_dir: Path) -> set[str]:
+    """The patch names the directory's current ``series`` lists (none if it cannot be read),
+    whether or not those patches still parse."""
+    try:
+        text = (series_dir / "series").read_text(errors="replace")
+    except OSError:
+        return set()
+    return {n for n in (ln.split("#", 1)[0].strip() for ln in text.split("\n")) if n}
+
+
 def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult:
     """Regenerate the series directory (patches, ``series``, ``manifest``) from ``directory``.
 
@@ -405,6 +416,7 @@ def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult
     directory = Path(directory)
     series_dir = Path(series_dir) if series_dir is not None else default_series_dir()
     root = _single_root(directory)
+    listed_before = _listed(series_dir)
     paths = _manifest_order(
         series_dir, _git(directory, "ls-tree", "-r", "--name-only", root).stdout.splitlines()
     )
@@ -438,11 +450,16 @@ def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult
             for name in [*names, "series", "manifest"]
             if _write_if_changed(series_dir / name, (out / name).read_bytes())
         ]
-    removed = sorted(p.name for p in series_dir.glob("*.patch") if p.name not in names)
+    # only files the old series listed are ours to remove: anything else is somebody's work
+    stale = sorted(p.name for p in series_dir.glob("*.patch") if p.name not in names)
+    removed = [name for name in stale if name in listed_before]
+    left_alone = [name for name in stale if name not in listed_before]
     for name in removed:
         (series_dir / name).unlink()
     final = read_series(series_dir)
     index = index_path(series_dir)
     if index is not None:
         _write_if_changed(index, patch_index(final).encode())
-    return RefreshResult(series_dir, names, written, removed, header_problems(final), index)
+    return RefreshResult(
+        series_dir, names, written, removed, left_alone, header_problems(final), index
+    )
