@@ -15,6 +15,7 @@ values of its globals kept.
 
 from __future__ import annotations
 
+import _imp
 import ast
 import hashlib
 import importlib
@@ -475,6 +476,36 @@ def _re_execute(module: types.ModuleType, loader: _PatchedSourceLoader) -> None:
     module.__vllm_compilation_patched__ = True  # type: ignore[attr-defined]
 
 
+def _imports_in_progress() -> list[str]:
+    """Coupled modules whose import another thread has begun: it holds the module's import
+    lock, found the stock file, and may not have put the module in ``sys.modules`` yet.
+
+    Reads the import system's table of module locks; call it holding the global import lock,
+    which every import takes to get its module lock. Without that table (another Python
+    implementation) only ``sys.modules`` can tell.
+    """
+    bootstrap = sys.modules.get("importlib._bootstrap")
+    locks = getattr(bootstrap, "_module_locks", None)
+    if not isinstance(locks, dict):
+        return []
+    busy = []
+    for name in COUPLED_MODULES:
+        ref = locks.get(f"{PACKAGE}.{name}")
+        lock = ref() if callable(ref) else None
+        if lock is not None and getattr(lock, "owner", None) is not None:
+            busy.append(name)
+    return busy
+
+
+def _in_progress_reason(busy: list[str]) -> str:
+    names = ", ".join(f"{PACKAGE}.{n}" for n in busy)
+    return (
+        f"{names} was being imported by another thread while the fork was activated, so the "
+        "fork cannot switch (stock vLLM keeps running). Activate before starting threads that "
+        "import vLLM: rely on the vLLM plugin, or call vllm_compilation.install() first."
+    )
+
+
 def _early_import_reason(early: list[str]) -> str:
     names = ", ".join(f"{PACKAGE}.{n}" for n in early)
     binders = _stock_binders(early)
@@ -550,11 +581,21 @@ def _activate(strict: bool) -> ForkState:
         for name, path in files.items()
     }
     finder = PatchedModuleFinder(loaders)
-    sys.meta_path.insert(0, finder)
-    early = _early_stock_modules()  # imported by another thread meanwhile
-    if early:
-        sys.meta_path.remove(finder)
+    # The check and the switch are one step for every other thread's imports: each import
+    # takes the global import lock to get its module lock, so none can begin in between,
+    # and one already under way is seen by its lock: no finder goes in only to come out.
+    _imp.acquire_lock()
+    try:
+        early = _early_stock_modules()
+        busy = [] if early else _imports_in_progress()
+        if not early and not busy:
+            sys.meta_path.insert(0, finder)
+    finally:
+        _imp.release_lock()
+    if early:  # imported by another thread since the first check
         return _fail(_early_import_reason(early), strict=strict)
+    if busy:
+        return _fail(_in_progress_reason(busy), strict=strict)
     for name in RE_EXECUTABLE_MODULES:
         module = sys.modules.get(f"{PACKAGE}.{name}")
         if module is not None and not is_patched(module):
