@@ -24,6 +24,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -262,21 +263,27 @@ def judge(series: Series | None = None) -> Verdict:
     return Verdict(vllm, sources, digest)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where patched sources are written: ``VLLM_COMPILATION_CACHE_DIR``, else
+    ``<vLLM's cache root>/vllm_compilation``, the root resolved exactly as vllm/envs.py does
+    (``VLLM_CACHE_ROOT`` with ``~`` expanded, else ``$XDG_CACHE_HOME/vllm``, else
+    ``~/.cache/vllm``) without importing vLLM."""
     explicit = os.environ.get(ENV_CACHE_DIR)
     if explicit:
-        return Path(explicit)
-    vllm_root = os.environ.get("VLLM_CACHE_ROOT")
-    if vllm_root:
-        return Path(vllm_root) / "vllm_compilation"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "vllm" / "vllm_compilation"
+        return Path(os.path.expanduser(explicit))
+    default_root = os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    vllm_root = os.path.expanduser(os.getenv("VLLM_CACHE_ROOT", os.path.join(default_root, "vllm")))
+    return Path(vllm_root) / "vllm_compilation"
+
+
+CACHED_FILE_MODE = 0o644  # as an install writes them: a cache prepared by root serves everyone
 
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, CACHED_FILE_MODE)  # mkstemp makes 0600; not subject to the umask
         with os.fdopen(fd, "wb") as f:  # UTF-8 whatever the locale: the hash is of these
             f.write(text.encode())
         os.replace(tmp, path)
@@ -286,11 +293,24 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _sha256_file(path: Path) -> str | None:
-    """The sha256 of a file's bytes, or None if it cannot be read (missing, a directory)."""
+    """The sha256 of a regular file's bytes, or None if it is anything else or cannot be read.
+
+    A symlink is not followed (the cache holds its own files), and a FIFO is never read (it
+    would block): either is replaced like a file with the wrong bytes.
+    """
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, str]]:
@@ -301,7 +321,7 @@ def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, s
     atomically, so concurrent processes only ever see complete files. A cache directory that
     cannot be written falls back to the temporary directory, with one WARNING.
     """
-    candidates = [_cache_root(), Path(tempfile.gettempdir()) / f"vllm_compilation-{os.getuid()}"]
+    candidates = [cache_root(), Path(tempfile.gettempdir()) / f"vllm_compilation-{os.getuid()}"]
     last_error: OSError | None = None
     for root in candidates:
         base = root / digest[:16]
