@@ -84,15 +84,43 @@ def state() -> ForkState:
     return _state
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    return value.strip().lower() not in ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+# what the default of each switch means, for the WARNING about a value not understood
+_DEFAULTS = {ENV_SWITCH: (True, "the fork is on"), ENV_STRICT: (False, "strict mode is off")}
+_warned_switches: set[str] = set()
+
+
+def _env_flag(name: str) -> bool:
+    """A switch's value: the documented spellings (any case, padded or not), else its default.
+
+    A value that is none of them (a typo) keeps the default, with one WARNING per process
+    naming the value and what was assumed.
+    """
+    default, meaning = _DEFAULTS[name]
+    raw = os.environ.get(name)
+    value = "" if raw is None else raw.strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value and name not in _warned_switches:
+        _warned_switches.add(name)
+        _logger().warning(
+            "vllm-compilation: %s=%r is not understood (use one of %s to turn it on, or %s to "
+            "turn it off); assuming %s, the default: %s",
+            name,
+            raw,
+            "/".join(_ON),
+            "/".join(_OFF),
+            "1" if default else "0",
+            meaning,
+        )
+    return default
 
 
 def strict_mode() -> bool:
-    return bool(_env_flag(ENV_STRICT))
+    return _env_flag(ENV_STRICT)
 
 
 def vllm_package_dir() -> Path | None:
@@ -581,8 +609,10 @@ def activate(strict: bool | None = None) -> ForkState:
 
 def _activate(strict: bool) -> ForkState:
     """The body of :func:`activate`, under its lock."""
-    if _env_flag(ENV_SWITCH) is False:
-        return _fail(f"turned off by {ENV_SWITCH}=0; stock vLLM runs", strict=strict, info=True)
+    if not _env_flag(ENV_SWITCH):
+        value = os.environ.get(ENV_SWITCH, "").strip()
+        reason = f"turned off by {ENV_SWITCH}={value}; stock vLLM runs"
+        return _fail(reason, strict=strict, info=True)
     verdict = judge()
     _state.vllm_version = verdict.vllm.version
     _state.vllm_version_source = verdict.vllm.source
