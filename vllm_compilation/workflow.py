@@ -286,10 +286,16 @@ def export(
             )
     version = _vllm_version_at(vllm_root)
     message = f"vLLM {version or '(version unknown)'} pristine compilation files"
-    directory.mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-        (directory / rel).write_bytes(data)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for rel, data in files.items():
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+            (directory / rel).write_bytes(data)
+    except OSError as e:  # e.g. a regular file where a parent directory should be
+        raise WorkflowError(
+            f"cannot create {directory}: {e.strerror or e} ({e.filename}); "
+            "give a new directory in a writable place"
+        ) from e
     _git(directory, "init", "-q", "--initial-branch=main")
     _git(directory, "add", "--", *files)
     _git(directory, "commit", "-q", "-m", message)
