@@ -108,6 +108,8 @@ def test_damaged_series_in_strict_mode_is_the_one_error(tmp_path: Path) -> None:
     assert report["error"].startswith("ForkActivationError: vllm-compilation: ")
     assert words in report["error"]
     assert "Traceback" not in output
+    # the error stops vLLM: it must not say that stock vLLM keeps running
+    assert "keeps running" not in report["error"] and "strict mode" in report["error"]
 
 
 @pytest.mark.parametrize("command", ["check", "index"])

@@ -161,6 +161,7 @@ def test_coupled_module_imported_early_raises_in_strict_mode(
     assert report["error"] is not None
     assert report["error"].startswith("ForkActivationError: vllm-compilation: vllm.compilation.")
     assert "vllm_compilation.install()" in report["error"]
+    assert "keeps running" not in report["error"]  # the error stops vLLM
     _assert_status_is_truthful(report)
     assert set(report["truth"].values()) == {"stock"}
 

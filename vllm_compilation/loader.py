@@ -260,8 +260,11 @@ class Verdict:
     error: SeriesError | None = None  # why it does not apply
     eager: bool = False  # it does not apply, and this vLLM is 0.18 or later: nothing to do
 
+    ADVICE = "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`."
+
     def message(self) -> str:
-        """Why the fork stays off (empty when the series applies)."""
+        """Why the fork stays off (empty when the series applies); for a series that does not
+        apply, the problem alone: what follows from it is :func:`_fail`'s to say."""
         if self.eager:
             return (
                 f"{self.vllm.describe()} already compiles every range up front; the fork stays off"
@@ -271,8 +274,7 @@ class Verdict:
         where = f"{self.error.path}: " if self.error.path else ""
         return (
             f"the {SERIES_NAME} series does not apply to {self.vllm.describe()}: "
-            f"{where}{self.error.reason}; stock vLLM keeps running with lazy compilation. "
-            "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`."
+            f"{where}{self.error.reason}"
         )
 
 
@@ -545,28 +547,39 @@ def _imports_in_progress() -> list[str]:
     return busy
 
 
-def _in_progress_reason(busy: list[str]) -> str:
+def _in_progress_reason(busy: list[str]) -> tuple[str, str]:
     names = ", ".join(f"{PACKAGE}.{n}" for n in busy)
     return (
         f"{names} was being imported by another thread while the fork was activated, so the "
-        "fork cannot switch (stock vLLM keeps running). Activate before starting threads that "
-        "import vLLM: rely on the vLLM plugin, or call vllm_compilation.install() first."
+        "fork cannot switch",
+        "Activate before starting threads that import vLLM: rely on the vLLM plugin, or call "
+        "vllm_compilation.install() first.",
     )
 
 
-def _early_import_reason(early: list[str]) -> str:
+def _early_import_reason(early: list[str]) -> tuple[str, str]:
     names = ", ".join(f"{PACKAGE}.{n}" for n in early)
     binders = _stock_binders(early)
     bound = f"; already bound by {', '.join(binders)}" if binders else ""
     return (
-        f"{names} was imported before the fork was activated{bound}, so the fork cannot "
-        "switch (stock vLLM keeps running). Activate first: rely on the vLLM plugin, or "
-        "call vllm_compilation.install() before importing vLLM's compilation modules or "
-        "any model file."
+        f"{names} was imported before the fork was activated{bound}, so the fork cannot switch",
+        "Activate first: rely on the vLLM plugin, or call vllm_compilation.install() before "
+        "importing vLLM's compilation modules or any model file.",
     )
 
 
-def _fail(reason: str, *, strict: bool, info: bool = False) -> ForkState:
+def _fail(problem: str, advice: str = "", *, strict: bool, info: bool = False) -> ForkState:
+    """Record why the fork is off and say it once: INFO, WARNING, or the strict error.
+
+    The consequence is said here, as it is: stock vLLM keeps running after a WARNING, while
+    the strict error stops vLLM (it lets a plugin's exception propagate).
+    """
+    if info:
+        reason = problem
+    elif strict:
+        reason = f"{problem}; strict mode makes this an error. {advice}".rstrip()
+    else:
+        reason = f"{problem}; stock vLLM keeps running. {advice}".rstrip()
     _state.active = False
     _state.reason = reason
     if strict and not info:
@@ -601,8 +614,8 @@ def activate(strict: bool | None = None) -> ForkState:
             for finder in [f for f in sys.meta_path if isinstance(f, PatchedModuleFinder)]:
                 sys.meta_path.remove(finder)
             return _fail(
-                f"activation failed unexpectedly ({type(e).__name__}: {e}); stock vLLM keeps "
-                "running. Please report it with the output of `vllm-compilation status`.",
+                f"activation failed unexpectedly ({type(e).__name__}: {e})",
+                "Please report it with the output of `vllm-compilation status`.",
                 strict=strict,
             )
 
@@ -617,15 +630,17 @@ def _activate(strict: bool) -> ForkState:
     _state.vllm_version = verdict.vllm.version
     _state.vllm_version_source = verdict.vllm.source
     if verdict.sources is None:
-        return _fail(verdict.message(), strict=strict, info=verdict.eager)
+        return _fail(verdict.message(), Verdict.ADVICE, strict=strict, info=verdict.eager)
     sources, digest = verdict.sources, verdict.digest
     early = _early_stock_modules()
     if early:
-        return _fail(_early_import_reason(early), strict=strict)
+        return _fail(*_early_import_reason(early), strict=strict)
     try:
         cache_dir, files = materialize(sources, digest)
     except SeriesError as e:
-        return _fail(f"{e.reason}; stock vLLM keeps running", strict=strict)
+        return _fail(
+            e.reason, "Set VLLM_COMPILATION_CACHE_DIR to a writable directory.", strict=strict
+        )
     loaders = {
         f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
         for name, path in files.items()
@@ -643,9 +658,9 @@ def _activate(strict: bool) -> ForkState:
     finally:
         _imp.release_lock()
     if early:  # imported by another thread since the first check
-        return _fail(_early_import_reason(early), strict=strict)
+        return _fail(*_early_import_reason(early), strict=strict)
     if busy:
-        return _fail(_in_progress_reason(busy), strict=strict)
+        return _fail(*_in_progress_reason(busy), strict=strict)
     for name in RE_EXECUTABLE_MODULES:
         module = sys.modules.get(f"{PACKAGE}.{name}")
         if module is not None and not is_patched(module):
