@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import run_python
 
-PROBE = r"""
+PROBE_HEAD = r"""
 import importlib, inspect, json, sys, types
 for name in json.loads(sys.argv[1]):
     importlib.import_module(name)
@@ -32,6 +32,11 @@ try:
     vllm.plugins.load_general_plugins()  # vLLM calls it several times per process
 except Exception as e:
     error = type(e).__name__ + ": " + str(e)
+"""
+
+# every module imported, then what actually runs in each: the file its functions were
+# compiled from (the materialized copy, or site-packages)
+TRUTH = r"""
 for name in ("backends", "piecewise_backend", "caching", "decorators", "monitor"):
     importlib.import_module("vllm.compilation." + name)
 from vllm_compilation import loader
@@ -46,6 +51,9 @@ for name in loader.ALL_MODULES:
     materialized = loader.state().files.get(name)
     truth[name] = "patched" if files == {materialized} else (
         "stock" if all("site-packages" in f for f in files) else "mixed: %s" % sorted(files))
+"""
+
+PROBE_TAIL = r"""
 bound = sys.modules.get("bound_early")
 print("REPORT " + json.dumps({
     "active": loader.state().active,
@@ -58,6 +66,7 @@ print("REPORT " + json.dumps({
         == loader.state().files.get("monitor"),
 }))
 """
+PROBE = PROBE_HEAD + TRUTH + PROBE_TAIL
 
 MODEL_FILE = """
 import torch
@@ -178,7 +187,8 @@ def test_cli_status_reports_what_an_import_would_give(switch: str) -> None:
     assert set(report["modules"].values()) == {f"not imported ({expected} on import)"}
 
 
-RACE = r"""
+RACE = (
+    r"""
 import importlib, importlib.abc, importlib.machinery, inspect, json, sys, threading, types
 
 NAME = "vllm.compilation.piecewise_backend"
@@ -222,20 +232,9 @@ except Exception as e:
     error = type(e).__name__ + ": " + str(e)
 release.set()
 thread.join(300)
-for name in ("backends", "piecewise_backend", "caching", "decorators", "monitor"):
-    importlib.import_module("vllm.compilation." + name)  # what the first forward needs
-from vllm_compilation import loader
-truth = {}
-for name in loader.ALL_MODULES:
-    module = sys.modules["vllm.compilation." + name]
-    files = {
-        inspect.unwrap(f).__code__.co_filename
-        for f in vars(module).values()
-        if isinstance(f, types.FunctionType) and f.__module__ == module.__name__
-    }
-    materialized = loader.state().files.get(name)
-    truth[name] = "patched" if files == {materialized} else (
-        "stock" if all("site-packages" in f for f in files) else "mixed: %s" % sorted(files))
+"""
+    + TRUTH
+    + r"""
 print("REPORT " + json.dumps({
     "active": loader.state().active,
     "error": error,
@@ -243,6 +242,7 @@ print("REPORT " + json.dumps({
     "truth": truth,
 }))
 """
+)
 
 
 def test_import_in_another_thread_during_activation_never_half_switches(tmp_path: Path) -> None:
