@@ -1,4 +1,32 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def package_page(readme: str) -> str:
+    """The README for the package page, where links relative to the repository lead nowhere.
+
+    The docs are shipped in the wheel (``vllm_compilation/docs``), so a link to one becomes
+    the command that prints it; other relative links name the file in the source
+    distribution. Absolute links and in-page anchors are kept.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        text, target = match.group(1), match.group(2)
+        if re.match(r"[a-z][a-z0-9+.-]*:|#", target):
+            return match.group(0)
+        path = target.split("#", 1)[0]
+        if path.startswith("docs/") and path.endswith(".md"):
+            return f"{text} (`vllm-compilation docs {Path(path).stem}`)"
+        if path.startswith("patches/"):
+            return f"{text} (installed with the package; `vllm-compilation index` lists them)"
+        return f"{text} (`{path}` in the source distribution)"
+
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", replace, readme)
+
 
 setup(
     name="vllm-compilation",
@@ -7,13 +35,17 @@ setup(
         "vLLM 0.17.x with every compile range compiled up front (upstream PR #35472), "
         "as a patch series applied at import"
     ),
-    long_description=open("README.md").read(),
+    long_description=package_page((HERE / "README.md").read_text(encoding="utf-8")),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
-    packages=["vllm_compilation", "vllm_compilation.patches"],
-    package_dir={"vllm_compilation.patches": "patches"},
-    package_data={"vllm_compilation.patches": ["vllm-0.17/*"]},
+    packages=["vllm_compilation", "vllm_compilation.patches", "vllm_compilation.docs"],
+    package_dir={"vllm_compilation.patches": "patches", "vllm_compilation.docs": "docs"},
+    package_data={
+        "vllm_compilation.patches": ["vllm-0.17/*"],
+        "vllm_compilation.docs": ["*.md"],
+    },
     install_requires=["vllm>=0.17.0,<0.18"],
     extras_require={
         "test": [
@@ -23,6 +55,7 @@ setup(
             "tlparse",
             "ruff",
             "matplotlib>=3.5",  # tests/test_demo.py runs `bench --plot`
+            "wheel",  # tests/test_packaging.py builds the wheel with setuptools < 70.1 too
         ],
         "bench": ["matplotlib>=3.5"],  # `vllm-compilation bench --plot`
     },

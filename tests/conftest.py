@@ -44,9 +44,17 @@ def isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_python(
-    args: list[str], *, env: dict[str, str] | None = None, timeout: int = 600
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python ARGS`` in a fresh process with this test's caches and extra ``env``."""
+    """Run ``python ARGS`` in a fresh process with this test's caches and extra ``env``.
+
+    ``python -c`` puts ``cwd`` first on ``sys.path``: run from another directory where a
+    package on ``PYTHONPATH`` must win over this checkout.
+    """
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
@@ -55,7 +63,7 @@ def run_python(
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
     )
 
 

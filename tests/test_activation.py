@@ -151,3 +151,45 @@ def test_cli_status_after_plugins_and_check() -> None:
     check = run_python(["-m", "vllm_compilation.cli", "check"])
     assert check.returncode == 0, check.stderr
     assert "OK" in check.stdout
+
+
+SWITCH_PROBE = """
+import json
+from vllm_compilation import loader
+state = loader.activate()
+print("REPORT " + json.dumps({"active": state.active, "reason": state.reason}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "active", "message"),
+    [
+        ({"VLLM_COMPILATION_FORK": "off"}, False, "INFO turned off by VLLM_COMPILATION_FORK=off"),
+        ({"VLLM_COMPILATION_FORK": " FALSE "}, False, "INFO turned off by VLLM_COMPILATION_FORK"),
+        ({"VLLM_COMPILATION_FORK": "Yes"}, True, None),
+        (
+            {"VLLM_COMPILATION_FORK": "flase"},
+            True,
+            "WARNING VLLM_COMPILATION_FORK='flase' is not understood",
+        ),
+        (
+            {"VLLM_COMPILATION_STRICT": "yes please"},
+            True,
+            "WARNING VLLM_COMPILATION_STRICT='yes please' is not understood",
+        ),
+    ],
+    ids=["off", "FALSE-padded", "Yes", "typo", "strict-typo"],
+)
+def test_switch_values_are_understood_or_named(env: dict, active: bool, message) -> None:
+    proc = run_python(["-c", SWITCH_PROBE], env=env)
+    report = _report(proc)
+    assert report["active"] is active
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "vllm-compilation:" in ln]
+    if message is None:
+        assert lines == []
+        return
+    (line,) = lines
+    level, _, text = message.partition(" ")
+    assert line.startswith(level) and f"vllm-compilation: {text}" in line
+    if level == "WARNING":  # says what was assumed, and the fork's state follows it
+        assert "assuming" in line and ("the fork is on" in line or "strict mode is off" in line)

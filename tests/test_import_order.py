@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import run_python
 
-PROBE = r"""
+PROBE_HEAD = r"""
 import importlib, inspect, json, sys, types
 for name in json.loads(sys.argv[1]):
     importlib.import_module(name)
@@ -32,6 +32,11 @@ try:
     vllm.plugins.load_general_plugins()  # vLLM calls it several times per process
 except Exception as e:
     error = type(e).__name__ + ": " + str(e)
+"""
+
+# every module imported, then what actually runs in each: the file its functions were
+# compiled from (the materialized copy, or site-packages)
+TRUTH = r"""
 for name in ("backends", "piecewise_backend", "caching", "decorators", "monitor"):
     importlib.import_module("vllm.compilation." + name)
 from vllm_compilation import loader
@@ -46,6 +51,9 @@ for name in loader.ALL_MODULES:
     materialized = loader.state().files.get(name)
     truth[name] = "patched" if files == {materialized} else (
         "stock" if all("site-packages" in f for f in files) else "mixed: %s" % sorted(files))
+"""
+
+PROBE_TAIL = r"""
 bound = sys.modules.get("bound_early")
 print("REPORT " + json.dumps({
     "active": loader.state().active,
@@ -58,6 +66,7 @@ print("REPORT " + json.dumps({
         == loader.state().files.get("monitor"),
 }))
 """
+PROBE = PROBE_HEAD + TRUTH + PROBE_TAIL
 
 MODEL_FILE = """
 import torch
@@ -161,6 +170,7 @@ def test_coupled_module_imported_early_raises_in_strict_mode(
     assert report["error"] is not None
     assert report["error"].startswith("ForkActivationError: vllm-compilation: vllm.compilation.")
     assert "vllm_compilation.install()" in report["error"]
+    assert "keeps running" not in report["error"]  # the error stops vLLM
     _assert_status_is_truthful(report)
     assert set(report["truth"].values()) == {"stock"}
 
@@ -175,3 +185,78 @@ def test_cli_status_reports_what_an_import_would_give(switch: str) -> None:
     expected = "patched" if switch == "1" else "stock"
     assert report["active"] is (switch == "1")
     assert set(report["modules"].values()) == {f"not imported ({expected} on import)"}
+
+
+RACE = (
+    r"""
+import importlib, importlib.abc, importlib.machinery, inspect, json, sys, threading, types
+
+NAME = "vllm.compilation.piecewise_backend"
+creating = threading.Event()
+release = threading.Event()
+
+
+class SlowLoader(importlib.abc.Loader):
+    # another import hook (a profiler, a lazy importer) whose modules take a while to
+    # create: the import is under way, holding its module lock, but not in sys.modules yet
+    def __init__(self, inner):
+        self.inner = inner
+
+    def create_module(self, spec):
+        creating.set()
+        release.wait(120)
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+
+
+class SlowFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != NAME:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec.loader = SlowLoader(spec.loader)
+        return spec
+
+
+sys.meta_path.insert(0, SlowFinder())
+thread = threading.Thread(target=importlib.import_module, args=(NAME,))
+thread.start()
+assert creating.wait(120)
+import vllm.plugins
+error = None
+try:
+    vllm.plugins.load_general_plugins()
+except Exception as e:
+    error = type(e).__name__ + ": " + str(e)
+release.set()
+thread.join(300)
+"""
+    + TRUTH
+    + r"""
+print("REPORT " + json.dumps({
+    "active": loader.state().active,
+    "error": error,
+    "states": loader.module_states(),
+    "truth": truth,
+}))
+"""
+)
+
+
+def test_import_in_another_thread_during_activation_never_half_switches(tmp_path: Path) -> None:
+    proc = run_python(["-c", RACE])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT ") :])
+    output = proc.stdout + proc.stderr
+    assert report["error"] is None
+    _assert_status_is_truthful(report)
+    assert len(set(report["truth"].values())) == 1, f"half switched: {report['truth']}"
+    # the thread's import had begun: the fork stays off and says so, truthfully
+    assert not report["active"] and set(report["truth"].values()) == {"stock"}
+    (warning,) = [ln for ln in output.splitlines() if "vllm-compilation:" in ln]
+    assert warning.startswith("WARNING")
+    assert "vllm.compilation.piecewise_backend was being imported by another thread" in warning
+    assert "stock vLLM keeps running" in warning

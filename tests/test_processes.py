@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -209,3 +211,141 @@ def test_corrupted_materialized_file_is_detected_and_rewritten(
     assert Path(report["file"]).read_bytes() == good
     fallback = tmp_path / f"vllm_compilation-{os.getuid()}"
     assert report["file"].startswith(str(fallback if corruption == "directory" else cache))
+
+
+ACTIVATE_ONLY = r"""
+import json
+from vllm_compilation import loader
+state = loader.activate(strict=True)
+print("REPORT " + json.dumps({"active": state.active, "cache_dir": state.cache_dir,
+                              "files": state.files}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["link-to-fifo", "fifo", "link-to-a-good-copy"])
+def test_only_regular_files_are_read_or_trusted_in_the_cache(tmp_path: Path, kind: str) -> None:
+    cache = tmp_path / "cache"
+    sources, digest = loader.patched_sources()
+    path = cache / digest[:16] / "vllm" / "compilation" / "piecewise_backend.py"
+    path.parent.mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    if kind == "link-to-a-good-copy":  # right bytes, but not a file of the cache
+        target.write_text(sources["piecewise_backend"])
+    else:
+        os.mkfifo(target)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(target)
+    try:
+        proc = run_python(
+            ["-c", ACTIVATE_ONLY], env={"VLLM_COMPILATION_CACHE_DIR": str(cache)}, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"activation hung on a cached file that is a {kind}")
+    report = _report(proc)
+    assert report["active"]
+    assert report["files"]["piecewise_backend"] == str(path)
+    assert path.is_file() and not path.is_symlink()
+    assert path.read_text() == sources["piecewise_backend"]
+    assert target.exists()  # what the link pointed at is not touched
+
+
+def test_cache_root_is_resolved_as_vllm_resolves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's own function (vllm/envs.py) is the oracle, for every way of setting it."""
+    import vllm.envs
+
+    vllm_root = vllm.envs.environment_variables["VLLM_CACHE_ROOT"]
+    monkeypatch.delenv(loader.ENV_CACHE_DIR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cases = [
+        {"VLLM_CACHE_ROOT": "~/x"},
+        {"VLLM_CACHE_ROOT": "~"},
+        {"VLLM_CACHE_ROOT": str(tmp_path / "abs")},
+        {"VLLM_CACHE_ROOT": "relative/dir"},
+        {"VLLM_CACHE_ROOT": ""},
+        {"VLLM_CACHE_ROOT": None, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+        {"VLLM_CACHE_ROOT": None, "XDG_CACHE_HOME": None},
+        {"VLLM_CACHE_ROOT": None, "XDG_CACHE_HOME": ""},
+    ]
+    for case in cases:
+        for name, value in case.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert loader.cache_root() == Path(vllm_root()) / "vllm_compilation", case
+
+
+def test_cache_root_under_home_is_not_created_in_the_working_directory(tmp_path: Path) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {"VLLM_CACHE_ROOT": "~/x", "HOME": str(home), loader.ENV_CACHE_DIR: ""}
+    report = _report(run_python(["-c", ACTIVATE_ONLY], env=env, cwd=work))
+    assert report["active"]
+    assert report["cache_dir"].startswith(str(home / "x" / "vllm_compilation"))
+    assert list(work.iterdir()) == []  # no literal ./~/x
+
+
+def test_cached_files_are_readable_by_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(loader.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    old = os.umask(0o077)  # a strict umask must not make the files private either
+    try:
+        sources, digest = loader.patched_sources()
+        _, files = loader.materialize(sources, digest)
+    finally:
+        os.umask(old)
+    for path in files.values():
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_cache_prepared_by_root_is_used_by_another_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image built as root, run as a service user: the prepared cache is used as it is.
+
+    The service user's process is a fork of this one that drops to ``nobody`` (it cannot
+    execute this interpreter, which lives under root's home) and materializes again.
+    """
+    import logging.config  # noqa: F401  the fallback's WARNING needs it; nobody cannot import it
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(prefix="vllm-compilation-test-"))
+    try:
+        shared.chmod(0o755)
+        cache = shared / "cache"
+        monkeypatch.setenv(loader.ENV_CACHE_DIR, str(cache))
+        sources, digest = loader.patched_sources()
+        base, _ = loader.materialize(sources, digest)  # as root, 0755 directories
+        assert base == cache / digest[:16]
+        tmp = shared / "tmp"
+        tmp.mkdir()
+        tmp.chmod(0o777)  # where a fallback would go: visible to the test, not /tmp
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the service user
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                tempfile.tempdir = str(tmp)
+                used, _ = loader.materialize(sources, digest)
+                os.write(write_end, str(used).encode())
+            except BaseException as e:
+                os.write(write_end, f"{type(e).__name__}: {e}".encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end, "rb") as f:
+            used = f.read().decode()
+        assert used == str(base)
+        assert list(tmp.iterdir()) == []  # no fallback copy was written
+    finally:
+        shutil.rmtree(shared)

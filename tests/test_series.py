@@ -117,3 +117,111 @@ def test_git_am_on_installed_vllm_gives_the_served_files(tmp_path: Path) -> None
     sources, _ = loader.patched_sources()
     for name, text in sources.items():
         assert (repo / "vllm" / "compilation" / f"{name}.py").read_text() == text, name
+
+
+# --- lines as git splits them, and what the applier refuses ----------------------------------
+
+ODD_CHARACTERS = {
+    "form-feed": "\f",
+    "file-separator": "\x1c",
+    "line-separator": "\u2028",
+    "carriage-return": "\r",
+    "next-line": "\x85",
+}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("char", ODD_CHARACTERS.values(), ids=ODD_CHARACTERS.keys())
+def test_lines_are_split_only_on_newline_as_git_does(tmp_path: Path, char: str) -> None:
+    """Python's splitlines() also splits on \\f, \\x1c, U+2028...; git only on \\n."""
+    original = f"a\nb{char}c\nd\n"
+    text = (
+        "diff --git a/f.py b/f.py\n--- a/f.py\n+++ b/f.py\n@@ -1,3 +1,3 @@\n"
+        f" a\n-b{char}c\n+B{char}C\n d\n"
+    )
+    ours = apply_file_patch(original, parse_patch("x.patch", text).files[0], "x.patch")
+    (tmp_path / "f.py").write_bytes(original.encode())
+    (tmp_path / "x.patch").write_bytes(text.encode())
+    subprocess.run(["git", "apply", "x.patch"], cwd=tmp_path, check=True, capture_output=True)
+    assert ours == (tmp_path / "f.py").read_bytes().decode() == f"a\nB{char}C\nd\n"
+
+
+def test_context_line_holding_a_form_feed_is_matched_whole() -> None:
+    # the hunk is at line 3: counting \f as a line break would put it at line 4
+    original = "x\fy\nb\nc\n"
+    text = "diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -2,2 +2,2 @@\n b\n-c\n+C\n"
+    patch = parse_patch("x.patch", text)
+    assert apply_file_patch(original, patch.files[0], "x.patch") == "x\fy\nb\nC\n"
+
+
+HUNK = "--- a/f.py\n+++ b/f.py\n@@ -1 +1 @@\n-a\n+b\n"
+TEXT_SECTION = "diff --git a/f.py b/f.py\nindex 1111111..2222222 100644\n" + HUNK
+REFUSED = {
+    "binary": (
+        TEXT_SECTION + "diff --git a/logo.png b/logo.png\nindex 3333333..4444444 100644\n"
+        "GIT binary patch\nliteral 3\nKcmZ?wFaQ7m00031\n\nliteral 0\nHcmV?d00001\n\n",
+        "logo.png",
+        "binary",
+    ),
+    "binary-without-data": (
+        TEXT_SECTION + "diff --git a/logo.png b/logo.png\nindex 3333333..4444444 100644\n"
+        "Binary files a/logo.png and b/logo.png differ\n",
+        "logo.png",
+        "binary",
+    ),
+    "rename": (
+        "diff --git a/f.py b/g.py\nsimilarity index 90%\nrename from f.py\nrename to g.py\n"
+        "index 1111111..2222222 100644\n--- a/f.py\n+++ b/g.py\n@@ -1 +1 @@\n-a\n+b\n",
+        "g.py",
+        "rename",
+    ),
+    "copy": (
+        "diff --git a/f.py b/g.py\nsimilarity index 90%\ncopy from f.py\ncopy to g.py\n"
+        "index 1111111..2222222 100644\n--- a/f.py\n+++ b/g.py\n@@ -1 +1 @@\n-a\n+b\n",
+        "g.py",
+        "cop",
+    ),
+    "mode-change": (
+        "diff --git a/f.py b/f.py\nold mode 100644\nnew mode 100755\n"
+        "index 1111111..2222222\n" + HUNK,
+        "f.py",
+        "mode",
+    ),
+    "mode-change-only": (
+        TEXT_SECTION + "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n",
+        "run.sh",
+        "mode",
+    ),
+    "new-file": (
+        "diff --git a/g.py b/g.py\nnew file mode 100644\nindex 0000000..2222222\n"
+        "--- /dev/null\n+++ b/g.py\n@@ -0,0 +1 @@\n+b\n",
+        "g.py",
+        "creates",
+    ),
+    "deleted-file": (
+        "diff --git a/f.py b/f.py\ndeleted file mode 100644\nindex 1111111..0000000\n"
+        "--- a/f.py\n+++ /dev/null\n@@ -1 +0,0 @@\n-a\n",
+        "f.py",
+        "deletes",
+    ),
+    "paths-differ-without-rename": (
+        "diff --git a/f.py b/f.py\n--- a/f.py\n+++ b/g.py\n@@ -1 +1 @@\n-a\n+b\n",
+        "g.py",
+        "f.py",
+    ),
+    "unknown-extended-header": (
+        "diff --git a/f.py b/f.py\nsomething new 1\n" + HUNK,
+        "f.py",
+        "something new 1",
+    ),
+    "line-after-the-last-hunk": (TEXT_SECTION + "+c\n", "f.py", "'\\+c\\\\n'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED.values(), ids=REFUSED.keys())
+def test_what_the_applier_does_not_handle_is_refused_with_a_message(case) -> None:
+    text, path, words = case
+    with pytest.raises(SeriesError, match=words) as info:
+        parse_patch("x.patch", "Subject: [PATCH] x\n\n---\n" + text)
+    assert info.value.path == "x.patch"
+    assert path in info.value.reason

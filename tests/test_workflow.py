@@ -290,3 +290,24 @@ def test_rebase_onto_another_vllm_as_documented(
     assert apply_series(rebased, new_texts) == {
         rel: "# SPDX line added upstream\n" + text for rel, text in forked.items()
     }
+
+
+def test_refresh_removes_only_what_the_old_series_listed(
+    tmp_path: Path, series_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A *.patch the old series never listed is somebody's file: left alone, and named."""
+    old = read_series(series_dir)
+    mine = {"0099-my-local-work.patch": b"my notes\n", "draft.patch": b"not listed\n"}
+    for name, data in mine.items():
+        (series_dir / name).write_bytes(data)
+    repo = tmp_path / "fork"
+    assert run_cli(capsys, "export", repo, "--series-dir", series_dir)[0] == 0
+    git(repo, "reset", "-q", "--hard", "HEAD~1")
+    rc, out, err = run_cli(capsys, "refresh", repo, "--series-dir", series_dir)
+    assert rc == 0, err
+    assert not (series_dir / old.patches[-1].name).exists()  # listed before: removed
+    for name, data in mine.items():
+        assert (series_dir / name).read_bytes() == data
+    (line,) = [ln for ln in out.splitlines() if "left alone" in ln]
+    assert "0099-my-local-work.patch" in line and "draft.patch" in line
+    assert "(removed)" not in line

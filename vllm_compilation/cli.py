@@ -1,4 +1,4 @@
-"""The ``vllm-compilation`` command: status and check (more commands build on these)."""
+"""The ``vllm-compilation`` command: status, check, the upstreaming workflow, docs, demo, bench."""
 
 from __future__ import annotations
 
@@ -9,29 +9,53 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_compilation import loader, workflow
+from vllm_compilation import __version__, loader, workflow
 from vllm_compilation.series import SERIES_NAME, SeriesError, read_series
+
+PLUGIN_NAME = "vllm_compilation"
 
 
 def _plugin_info() -> dict[str, Any]:
+    """Whether vLLM loads this plugin, decided as vllm/plugins does: ``VLLM_PLUGINS`` unset
+    loads every plugin; set, it is split at commas and names are compared exactly (no
+    stripping), so ``""`` loads none and ``"a, vllm_compilation"`` does not load this one."""
     from importlib.metadata import entry_points
 
     names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
     allowed = os.environ.get("VLLM_PLUGINS")
-    allowed_names = None if allowed is None else [n.strip() for n in allowed.split(",") if n]
+    allowed_names = None if allowed is None else allowed.split(",")
+    found = PLUGIN_NAME in names
+    loaded = found and (allowed_names is None or PLUGIN_NAME in allowed_names)
+    hint = None
+    if found and not loaded and allowed_names is not None:
+        near = [n for n in allowed_names if n != PLUGIN_NAME and n.strip() == PLUGIN_NAME]
+        if near:
+            hint = (
+                f"VLLM_PLUGINS lists {near[0]!r}: vLLM compares names exactly, so remove the space"
+            )
     return {
-        "entry_point_found": "vllm_compilation" in names,
+        "entry_point_found": found,
         "VLLM_PLUGINS": allowed,
-        "loaded_by_vllm": "vllm_compilation" in names
-        and (allowed_names is None or "vllm_compilation" in allowed_names),
+        "loaded_by_vllm": loaded,
+        "hint": hint,
     }
 
 
 def status_report() -> dict[str, Any]:
-    """What a vLLM process gets: plugins are loaded as vLLM loads them, then the state read."""
-    import vllm.plugins
+    """What a vLLM process gets: plugins are loaded as vLLM loads them, then the state read.
 
-    vllm.plugins.load_general_plugins()
+    A vLLM that cannot be imported is reported (``vllm_import_error``), not raised: that is
+    when a user needs status most.
+    """
+    import_error = None
+    try:
+        import vllm.plugins
+
+        vllm.plugins.load_general_plugins()
+    except loader.ForkActivationError:
+        pass  # strict mode: the state holds the reason
+    except Exception as e:  # a broken vLLM or dependency: report it, whatever it raises
+        import_error = f"{type(e).__name__}: {e}"
     fork = loader.state()
     try:
         patches = [{"name": p.name, "subject": p.subject} for p in read_series().patches]
@@ -39,18 +63,30 @@ def status_report() -> dict[str, Any]:
         patches = [{"error": str(e)}]
     plugin = _plugin_info()
     reason = fork.reason
-    if not fork.active and not plugin["loaded_by_vllm"]:
+    if import_error is not None:
+        reason = (
+            f"vLLM cannot be imported: {import_error}; nothing of vLLM runs until it can. Fix "
+            "the vLLM install (`python -c 'import vllm.plugins'` shows the traceback)"
+        )
+    elif not fork.active and not plugin["loaded_by_vllm"]:
         reason = (
             "vLLM does not load the plugin here (entry point missing or filtered out by "
             "VLLM_PLUGINS); stock vLLM runs"
         )
+    if import_error is None:
+        modules = loader.module_states()
+    else:
+        modules = {name: "unknown (vLLM cannot be imported)" for name in loader.ALL_MODULES}
+    vllm = loader.installed_vllm_version()
     return {
         "active": fork.active,
         "reason": reason,
-        "vllm_version": loader.installed_vllm_version(),
+        "vllm_import_error": import_error,
+        "vllm_version": vllm.version,
+        "vllm": vllm.describe(),
         "series": SERIES_NAME,
         "patches": patches,
-        "modules": loader.module_states(),
+        "modules": modules,
         "plugin": plugin,
         "cache_dir": fork.cache_dir,
         "switches": {
@@ -60,33 +96,50 @@ def status_report() -> dict[str, Any]:
     }
 
 
+def _plugins_filter(value: str | None) -> str:
+    if value is None:
+        return "VLLM_PLUGINS unset (vLLM loads every plugin)"
+    if value == "":
+        return "VLLM_PLUGINS='' (vLLM loads no plugin)"
+    return f"VLLM_PLUGINS={value!r}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0, or 1 when vLLM itself cannot be imported."""
     report = status_report()
+    code = 1 if report["vllm_import_error"] else 0
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return code
     print(f"vllm-compilation: {'active' if report['active'] else 'inactive'} ({report['reason']})")
-    print(f"vLLM:    {report['vllm_version']}")
+    print(f"vLLM:    {report['vllm']}")
     print(f"series:  {report['series']}")
     for patch in report["patches"]:
         print(f"  {patch.get('name', patch.get('error'))}")
     plugin = report["plugin"]
+    hint = f" ({plugin['hint']})" if plugin["hint"] else ""
     print(
         f"plugin:  entry point {'found' if plugin['entry_point_found'] else 'MISSING'}; "
-        f"VLLM_PLUGINS={plugin['VLLM_PLUGINS'] or '(unset: all plugins)'}; "
-        f"vLLM {'loads' if plugin['loaded_by_vllm'] else 'does NOT load'} it"
+        f"{_plugins_filter(plugin['VLLM_PLUGINS'])}; "
+        f"vLLM {'loads' if plugin['loaded_by_vllm'] else 'does NOT load'} it{hint}"
     )
     print("modules:")
     for name, module_state in report["modules"].items():
         print(f"  vllm.compilation.{name:<18} {module_state}")
-    print(f"cache:   {report['cache_dir']}")
-    return 0
+    print(f"cache:   {report['cache_dir'] or 'none (the fork is off)'}")
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Does the series apply to the installed vLLM, with full headers? Exit 0 if so, 1 if not."""
+    """Does the series apply to the installed vLLM, with full headers? Exit 0 if so, 1 if not.
+
+    On vLLM 0.18 or later the plugin stays off without an error; check agrees (exit 0) and
+    still checks the headers.
+    """
     result = workflow.check(args.series_dir)
-    if result.apply_error:
+    if result.not_needed and result.verdict is not None:
+        print(f"vllm-compilation check: not needed: {result.verdict.message()}")
+    elif result.apply_error:
         print(f"vllm-compilation check: FAILED: {result.apply_error}", file=sys.stderr)
         if result.series is not None:
             print(
@@ -99,9 +152,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not result.ok or result.series is None:
         return 1
     series = result.series
+    if result.not_needed:
+        print(
+            f"vllm-compilation check: OK: every header of the {len(series.patches)} patches "
+            "has What, Why, Origin, Upstream-Status, Removal and Signed-off-by"
+        )
+        return 0
     print(
         f"vllm-compilation check: OK: {len(series.patches)} patches of {SERIES_NAME} apply "
-        f"to vLLM {loader.installed_vllm_version()} ({len(series.manifest)} files match "
+        f"to {loader.installed_vllm_version().describe()} ({len(series.manifest)} files match "
         "the manifest); every header has What, Why, Origin, Upstream-Status, Removal and "
         "Signed-off-by"
     )
@@ -116,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             vllm_root=args.vllm_root,
             pristine_only=args.pristine_only,
         )
-    except (workflow.WorkflowError, SeriesError) as e:
+    except (workflow.WorkflowError, SeriesError, OSError) as e:
         print(f"vllm-compilation export: {e}", file=sys.stderr)
         return 1
     version = f"vLLM {result.vllm_version}" if result.vllm_version else "vLLM"
@@ -136,7 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     try:
         result = workflow.refresh(args.directory, series_dir=args.series_dir)
-    except (workflow.WorkflowError, SeriesError) as e:
+    except (workflow.WorkflowError, SeriesError, OSError) as e:
         print(f"vllm-compilation refresh: {e}", file=sys.stderr)
         return 1
     changed = ", ".join(result.written + [f"{n} (removed)" for n in result.removed])
@@ -144,6 +203,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         f"vllm-compilation refresh: {result.series_dir}: {len(result.patches)} patches; "
         f"{'changed: ' + changed if changed else 'nothing changed'}"
     )
+    if result.left_alone:
+        print(
+            f"left alone (not listed in the old series, not written by refresh): "
+            f"{', '.join(result.left_alone)}"
+        )
     if result.index is not None:
         print(f"index: {result.index}")
     for problem in result.header_problems:
@@ -157,6 +221,38 @@ def cmd_index(args: argparse.Namespace) -> int:
     except SeriesError as e:
         print(f"vllm-compilation index: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def docs_dir() -> Path:
+    """The documents shipped with the package: package data in a wheel, ``docs/`` in a
+    checkout."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "docs", package_dir.parent / "docs"):
+        if candidate.is_dir() and any(candidate.glob("*.md")):
+            return candidate
+    return package_dir / "docs"
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    directory = docs_dir()
+    documents = {p.stem: p for p in sorted(directory.glob("*.md"))}
+    if not documents:
+        print(f"vllm-compilation docs: no documents in {directory}", file=sys.stderr)
+        return 1
+    if args.name is None:
+        width = max(map(len, documents))
+        for name, path in documents.items():
+            print(f"{name:<{width}}  {path}")
+        return 0
+    path = documents.get(args.name.removesuffix(".md"))
+    if path is None:
+        print(
+            f"vllm-compilation docs: no document {args.name!r}; there are {', '.join(documents)}",
+            file=sys.stderr,
+        )
+        return 1
+    print(path.read_text(), end="")
     return 0
 
 
@@ -212,8 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vllm-compilation",
         description="vLLM 0.17.x compiling every compile range up front, as a patch series.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="state of the fork in a vLLM process")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__} (series {SERIES_NAME})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str, **kwargs: Any) -> Any:
+        # the summary is the line in `vllm-compilation --help`; the description heads
+        # `vllm-compilation NAME --help`
+        return sub.add_parser(name, help=summary, description=description, **kwargs)
+
+    status = command(
+        "status",
+        "state of the fork in a vLLM process",
+        "Load vLLM's plugins as every vLLM process does, then show the result: the vLLM "
+        "version (read from the package's files), the series, whether vLLM loads the plugin "
+        "(entry point, VLLM_PLUGINS), each of the five modules' state and the cache directory. "
+        "Exit 1 only when vLLM itself cannot be imported.",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
     series_dir = argparse.ArgumentParser(add_help=False)
@@ -222,16 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the series directory (default: this package's patches/vllm-0.17)",
     )
-    check = sub.add_parser(
+    check = command(
         "check",
+        "does the series apply to the installed vLLM, and are its headers complete",
+        "Apply the series to the installed vLLM exactly as the plugin does and check every "
+        "patch header (What, Why, Origin, Upstream-Status, Removal, Signed-off-by). Exit 0 if "
+        "all is well (on vLLM 0.18 or later: the fork is not needed), 1 with one FAILED line "
+        "per problem otherwise.",
         parents=[series_dir],
-        help="does the series apply to the installed vLLM, and are its headers complete",
     )
     check.set_defaults(func=cmd_check)
-    export = sub.add_parser(
+    export = command(
         "export",
+        "a git repository of the pristine files plus one commit per patch",
+        "Make a git repository in DIRECTORY: the pristine vLLM files the series patches as the "
+        "root commit, then one commit per patch (git am). Edit there with git, then run "
+        "`vllm-compilation refresh DIRECTORY`.",
         parents=[series_dir],
-        help="a git repository of the pristine files plus one commit per patch",
     )
     export.add_argument("directory", type=Path, help="new (or empty) directory")
     export.add_argument(
@@ -246,19 +367,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the root commit, from files that need not match the manifest (rebasing)",
     )
     export.set_defaults(func=cmd_export)
-    refresh = sub.add_parser(
+    refresh = command(
         "refresh",
+        "regenerate the patches, series and manifest from an exported repository",
+        "Regenerate the series directory from a repository made by export: one patch per "
+        "commit (git format-patch, the commit message as header), the series, the manifest "
+        "and docs/patches.md. Refuses uncommitted changes; writes nothing unless the new "
+        "series reproduces the repository's files; removes only patches the old series "
+        "listed.",
         parents=[series_dir],
-        help="regenerate the patches, series and manifest from an exported repository",
     )
     refresh.add_argument("directory", type=Path, help="the repository made by export")
     refresh.set_defaults(func=cmd_refresh)
-    index = sub.add_parser(
-        "index", parents=[series_dir], help="print the patch index (docs/patches.md)"
+    index = command(
+        "index",
+        "print the patch index (docs/patches.md)",
+        "Print the Markdown index of the patches (docs/patches.md), generated from their headers.",
+        parents=[series_dir],
     )
     index.set_defaults(func=cmd_index)
-    demo = sub.add_parser(
-        "demo", help="the toy scenario on stock vLLM and on the fork, side by side"
+    docs = command(
+        "docs",
+        "show the documentation installed with the package",
+        "Without NAME, list the documents installed with the package and where they are; "
+        "with NAME (e.g. troubleshooting), print that document.",
+    )
+    docs.add_argument("name", nargs="?", help="a document's name, as the list shows it")
+    docs.set_defaults(func=cmd_docs)
+    demo = command(
+        "demo",
+        "the toy scenario on stock vLLM and on the fork, side by side",
+        "Run the toy model's scenario once on stock vLLM and once with the fork, each in its "
+        "own process with fresh caches, and compare when and how much was compiled. Unset "
+        "options take the upstream scenario's values.",
     )
     demo.add_argument("--sizes", help="comma-separated batch sizes of the forwards")
     demo.add_argument("--split-points", help="comma-separated compile range split points")
@@ -267,26 +408,60 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-splitting", action="store_true", help="one piece, no split op")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser(
+    bench = command(
         "bench",
-        help="stock vLLM vs the fork, measured: compiles, compile time, latency, memory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "stock vLLM vs the fork, measured: compiles, compile time, latency, memory",
+        "Measure stock vLLM and the fork in alternating pairs of fresh processes with fresh "
+        "caches: a sweep over every compile range and size (compiles, compile time, per-call "
+        "latency) and a large-weight model (peak memory). See docs/benchmarks.md.",
     )
-    bench.add_argument("--repeats", type=int, default=3, help="stock/fork pairs of the sweep")
-    bench.add_argument("--hidden", type=int, default=16, help="sweep: toy model width")
-    bench.add_argument("--split-points", default="4,16,64,256,1024", help="sweep: split points")
-    bench.add_argument("--compile-sizes", default="1,2,8,32,128,512", help="sweep: sizes")
-    bench.add_argument("--max-tokens", type=int, default=2048, help="sweep: max tokens")
     bench.add_argument(
-        "--memory-repeats", type=int, default=1, help="stock/fork pairs of the memory run"
+        "--repeats",
+        type=int,
+        default=3,
+        help="stock/fork pairs of the sweep (default: %(default)s)",
     )
-    bench.add_argument("--memory-hidden", type=int, default=4096, help="memory: model width")
-    bench.add_argument("--memory-split-points", default="8,32", help="memory: split points")
-    bench.add_argument("--memory-compile-sizes", default="4,16,48", help="memory: sizes")
-    bench.add_argument("--memory-max-tokens", type=int, default=64, help="memory: max tokens")
+    bench.add_argument(
+        "--hidden", type=int, default=16, help="sweep: toy model width (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--split-points",
+        default="4,16,64,256,1024",
+        help="sweep: split points (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--compile-sizes", default="1,2,8,32,128,512", help="sweep: sizes (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--max-tokens", type=int, default=2048, help="sweep: max tokens (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=1,
+        help="stock/fork pairs of the memory run (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--memory-hidden", type=int, default=4096, help="memory: model width (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--memory-split-points", default="8,32", help="memory: split points (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--memory-compile-sizes", default="4,16,48", help="memory: sizes (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--memory-max-tokens",
+        type=int,
+        default=64,
+        help="memory: max tokens (default: %(default)s)",
+    )
     bench.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     bench.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads per run (0: torch default)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run, 0 for torch's own choice (default: %(default)s)",
     )
     bench.add_argument("--no-splitting", action="store_true", help="one piece, no split op")
     bench.add_argument("--plot", metavar="FILE", help="write a PNG of per-call latency")

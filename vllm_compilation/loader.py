@@ -15,6 +15,8 @@ values of its globals kept.
 
 from __future__ import annotations
 
+import _imp
+import ast
 import hashlib
 import importlib
 import importlib.abc
@@ -22,6 +24,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -35,6 +38,8 @@ from vllm_compilation.series import (
     SeriesError,
     apply_series,
     default_series_dir,
+    describe_os_error,
+    read_regular_file,
     read_series,
 )
 
@@ -57,6 +62,7 @@ class ForkState:
     active: bool = False
     reason: str = "not activated yet"  # why the fork is off (or how it is on)
     vllm_version: str | None = None
+    vllm_version_source: str | None = None  # where the version was read
     series: str = SERIES_NAME
     series_dir: str | None = None
     cache_dir: str | None = None
@@ -78,15 +84,43 @@ def state() -> ForkState:
     return _state
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    return value.strip().lower() not in ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+# what the default of each switch means, for the WARNING about a value not understood
+_DEFAULTS = {ENV_SWITCH: (True, "the fork is on"), ENV_STRICT: (False, "strict mode is off")}
+_warned_switches: set[str] = set()
+
+
+def _env_flag(name: str) -> bool:
+    """A switch's value: the documented spellings (any case, padded or not), else its default.
+
+    A value that is none of them (a typo) keeps the default, with one WARNING per process
+    naming the value and what was assumed.
+    """
+    default, meaning = _DEFAULTS[name]
+    raw = os.environ.get(name)
+    value = "" if raw is None else raw.strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value and name not in _warned_switches:
+        _warned_switches.add(name)
+        _logger().warning(
+            "vllm-compilation: %s=%r is not understood (use one of %s to turn it on, or %s to "
+            "turn it off); assuming %s, the default: %s",
+            name,
+            raw,
+            "/".join(_ON),
+            "/".join(_OFF),
+            "1" if default else "0",
+            meaning,
+        )
+    return default
 
 
 def strict_mode() -> bool:
-    return bool(_env_flag(ENV_STRICT))
+    return _env_flag(ENV_STRICT)
 
 
 def vllm_package_dir() -> Path | None:
@@ -97,13 +131,74 @@ def vllm_package_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def installed_vllm_version() -> str | None:
-    try:
-        from importlib.metadata import version
+@dataclass(frozen=True)
+class VllmVersion:
+    """The version of the vLLM package that will run, and where it was read."""
 
-        return version("vllm")
-    except Exception:
+    package_dir: Path | None
+    version: str | None
+    source: str  # "version from its _version.py", "version from <dist-info>", or why unknown
+
+    def describe(self) -> str:
+        """``vLLM 0.17.1 at /site-packages/vllm (version from its _version.py)``."""
+        if self.package_dir is None:
+            return "vLLM (not installed)"
+        number = f" {self.version}" if self.version else ""
+        return f"vLLM{number} at {self.package_dir} ({self.source})"
+
+
+def _version_file(package_dir: Path) -> str | None:
+    """``__version__`` of the package's ``_version.py`` (setuptools-scm writes it at build
+    time), read without importing it."""
+    try:
+        tree = ast.parse(read_regular_file(package_dir / "_version.py"))
+    except (OSError, SyntaxError, ValueError):
         return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+            if "__version__" in names and isinstance(node.value.value, str):
+                return node.value.value
+    return None
+
+
+def _dist_info_version(package_dir: Path) -> tuple[str, str] | None:
+    """(version, dist-info name) of the installed distribution that owns ``package_dir``."""
+    from importlib.metadata import distributions
+
+    try:
+        init = (package_dir / "__init__.py").resolve()
+        for dist in distributions(name="vllm"):
+            if Path(str(dist.locate_file("vllm/__init__.py"))).resolve() == init:
+                where = getattr(dist, "_path", None)
+                return dist.version, Path(str(where)).name if where else "its dist-info"
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def package_version(package_dir: Path | None) -> VllmVersion:
+    """The version of the vLLM package in ``package_dir``, from the package's own files.
+
+    The first ``vllm`` dist-info on ``sys.path`` may belong to another install than the
+    package that is imported (a source tree put first on ``PYTHONPATH``), so a dist-info only
+    counts when it owns this very package.
+    """
+    if package_dir is None:
+        return VllmVersion(None, None, "not installed")
+    version = _version_file(package_dir)
+    if version:
+        return VllmVersion(package_dir, version, "version from its _version.py")
+    owned = _dist_info_version(package_dir)
+    if owned:
+        return VllmVersion(package_dir, owned[0], f"version from {owned[1]}")
+    return VllmVersion(
+        package_dir, None, "version unknown: no _version.py and no dist-info owns it"
+    )
+
+
+def installed_vllm_version() -> VllmVersion:
+    return package_version(vllm_package_dir())
 
 
 def _is_at_least_018(version: str | None) -> bool:
@@ -118,14 +213,18 @@ def _is_at_least_018(version: str | None) -> bool:
 
 
 def read_pristine(site_root: Path, paths: list[str]) -> dict[str, str]:
+    """The installed files' texts. Bytes that are not UTF-8 are kept (as surrogates), so
+    the manifest check hashes exactly the bytes on disk and reports such a file as one that
+    differs."""
     texts = {}
     for rel in paths:
         try:
-            texts[rel] = (site_root / rel).read_text()
+            data = read_regular_file(site_root / rel)
         except FileNotFoundError:
             continue  # apply_series names the missing file
         except OSError as e:
-            raise SeriesError(f"cannot be read: {e}", rel) from e
+            raise SeriesError(f"cannot be read: {describe_os_error(e)}", rel) from e
+        texts[rel] = data.decode("utf-8", "surrogateescape")
     return texts
 
 
@@ -151,21 +250,70 @@ def patched_sources(series: Series | None = None) -> tuple[dict[str, str], str]:
     return sources, digest
 
 
-def _cache_root() -> Path:
+@dataclass
+class Verdict:
+    """What the series makes of the vLLM that will run: shared by activation and ``check``."""
+
+    vllm: VllmVersion
+    sources: dict[str, str] | None = None  # module -> patched source, when the series applies
+    digest: str = ""
+    error: SeriesError | None = None  # why it does not apply
+    eager: bool = False  # it does not apply, and this vLLM is 0.18 or later: nothing to do
+
+    ADVICE = "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`."
+
+    def message(self) -> str:
+        """Why the fork stays off (empty when the series applies); for a series that does not
+        apply, the problem alone: what follows from it is :func:`_fail`'s to say."""
+        if self.eager:
+            return (
+                f"{self.vllm.describe()} already compiles every range up front; the fork stays off"
+            )
+        if self.error is None:
+            return ""
+        where = f"{self.error.path}: " if self.error.path else ""
+        return (
+            f"the {SERIES_NAME} series does not apply to {self.vllm.describe()}: "
+            f"{where}{self.error.reason}"
+        )
+
+
+def judge(series: Series | None = None) -> Verdict:
+    """Apply the series to the files that will run. Their hashes decide: a vLLM whose files
+    match the manifest gets the fork whatever its metadata says; one that does not is
+    upstream's own eager compilation when its version, read from the package itself, is 0.18
+    or later."""
+    vllm = installed_vllm_version()
+    try:
+        if series is None:
+            series = read_series()
+        sources, digest = patched_sources(series)
+    except SeriesError as e:
+        return Verdict(vllm, error=e, eager=_is_at_least_018(vllm.version))
+    return Verdict(vllm, sources, digest)
+
+
+def cache_root() -> Path:
+    """Where patched sources are written: ``VLLM_COMPILATION_CACHE_DIR``, else
+    ``<vLLM's cache root>/vllm_compilation``, the root resolved exactly as vllm/envs.py does
+    (``VLLM_CACHE_ROOT`` with ``~`` expanded, else ``$XDG_CACHE_HOME/vllm``, else
+    ``~/.cache/vllm``) without importing vLLM."""
     explicit = os.environ.get(ENV_CACHE_DIR)
     if explicit:
-        return Path(explicit)
-    vllm_root = os.environ.get("VLLM_CACHE_ROOT")
-    if vllm_root:
-        return Path(vllm_root) / "vllm_compilation"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "vllm" / "vllm_compilation"
+        return Path(os.path.expanduser(explicit))
+    default_root = os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    vllm_root = os.path.expanduser(os.getenv("VLLM_CACHE_ROOT", os.path.join(default_root, "vllm")))
+    return Path(vllm_root) / "vllm_compilation"
+
+
+CACHED_FILE_MODE = 0o644  # as an install writes them: a cache prepared by root serves everyone
 
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, CACHED_FILE_MODE)  # mkstemp makes 0600; not subject to the umask
         with os.fdopen(fd, "wb") as f:  # UTF-8 whatever the locale: the hash is of these
             f.write(text.encode())
         os.replace(tmp, path)
@@ -175,11 +323,24 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _sha256_file(path: Path) -> str | None:
-    """The sha256 of a file's bytes, or None if it cannot be read (missing, a directory)."""
+    """The sha256 of a regular file's bytes, or None if it is anything else or cannot be read.
+
+    A symlink is not followed (the cache holds its own files), and a FIFO is never read (it
+    would block): either is replaced like a file with the wrong bytes.
+    """
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, str]]:
@@ -190,7 +351,7 @@ def materialize(sources: dict[str, str], digest: str) -> tuple[Path, dict[str, s
     atomically, so concurrent processes only ever see complete files. A cache directory that
     cannot be written falls back to the temporary directory, with one WARNING.
     """
-    candidates = [_cache_root(), Path(tempfile.gettempdir()) / f"vllm_compilation-{os.getuid()}"]
+    candidates = [cache_root(), Path(tempfile.gettempdir()) / f"vllm_compilation-{os.getuid()}"]
     last_error: OSError | None = None
     for root in candidates:
         base = root / digest[:16]
@@ -365,19 +526,60 @@ def _re_execute(module: types.ModuleType, loader: _PatchedSourceLoader) -> None:
     module.__vllm_compilation_patched__ = True  # type: ignore[attr-defined]
 
 
-def _early_import_reason(early: list[str]) -> str:
+def _imports_in_progress() -> list[str]:
+    """Coupled modules whose import another thread has begun: it holds the module's import
+    lock, found the stock file, and may not have put the module in ``sys.modules`` yet.
+
+    Reads the import system's table of module locks; call it holding the global import lock,
+    which every import takes to get its module lock. Without that table (another Python
+    implementation) only ``sys.modules`` can tell.
+    """
+    bootstrap = sys.modules.get("importlib._bootstrap")
+    locks = getattr(bootstrap, "_module_locks", None)
+    if not isinstance(locks, dict):
+        return []
+    busy = []
+    for name in COUPLED_MODULES:
+        ref = locks.get(f"{PACKAGE}.{name}")
+        lock = ref() if callable(ref) else None
+        if lock is not None and getattr(lock, "owner", None) is not None:
+            busy.append(name)
+    return busy
+
+
+def _in_progress_reason(busy: list[str]) -> tuple[str, str]:
+    names = ", ".join(f"{PACKAGE}.{n}" for n in busy)
+    return (
+        f"{names} was being imported by another thread while the fork was activated, so the "
+        "fork cannot switch",
+        "Activate before starting threads that import vLLM: rely on the vLLM plugin, or call "
+        "vllm_compilation.install() first.",
+    )
+
+
+def _early_import_reason(early: list[str]) -> tuple[str, str]:
     names = ", ".join(f"{PACKAGE}.{n}" for n in early)
     binders = _stock_binders(early)
     bound = f"; already bound by {', '.join(binders)}" if binders else ""
     return (
-        f"{names} was imported before the fork was activated{bound}, so the fork cannot "
-        "switch (stock vLLM keeps running). Activate first: rely on the vLLM plugin, or "
-        "call vllm_compilation.install() before importing vLLM's compilation modules or "
-        "any model file."
+        f"{names} was imported before the fork was activated{bound}, so the fork cannot switch",
+        "Activate first: rely on the vLLM plugin, or call vllm_compilation.install() before "
+        "importing vLLM's compilation modules or any model file.",
     )
 
 
-def _fail(reason: str, *, strict: bool, info: bool = False) -> ForkState:
+def _fail(problem: str, advice: str = "", *, strict: bool, info: bool = False) -> ForkState:
+    """Record why the fork is off and say it once: INFO, WARNING, or the strict error.
+
+    The consequence is said here, as it is: stock vLLM keeps running after a WARNING, while
+    the strict error stops vLLM (it lets a plugin's exception propagate).
+    """
+    if info:
+        reason = problem
+    elif strict:
+        reason = f"{problem}; strict mode makes this an error. {advice}".rstrip()
+    else:
+        reason = f"{problem}; stock vLLM keeps running. {advice}".rstrip()
     _state.active = False
     _state.reason = reason
     if strict and not info:
@@ -404,53 +606,71 @@ def activate(strict: bool | None = None) -> ForkState:
     with _lock:
         if _state.active:
             return _state
-        _state.vllm_version = installed_vllm_version()
-        if _env_flag(ENV_SWITCH) is False:
-            return _fail(f"turned off by {ENV_SWITCH}=0; stock vLLM runs", strict=strict, info=True)
-        if _is_at_least_018(_state.vllm_version):
-            return _fail(
-                f"vLLM {_state.vllm_version} already compiles every range up front; "
-                "the fork stays off",
-                strict=strict,
-                info=True,
-            )
         try:
-            sources, digest = patched_sources()
-        except SeriesError as e:
-            where = f"{e.path}: " if e.path else ""
+            return _activate(strict)
+        except ForkActivationError:
+            raise
+        except Exception as e:  # the plugin's boundary: vLLM lets a plugin's exception stop it
+            for finder in [f for f in sys.meta_path if isinstance(f, PatchedModuleFinder)]:
+                sys.meta_path.remove(finder)
             return _fail(
-                f"the {SERIES_NAME} series does not apply to vLLM {_state.vllm_version} "
-                f"({where}{e.reason}); stock vLLM keeps running with lazy compilation. "
-                "Install a vLLM 0.17.x wheel unmodified, or run `vllm-compilation check`.",
+                f"activation failed unexpectedly ({type(e).__name__}: {e})",
+                "Please report it with the output of `vllm-compilation status`.",
                 strict=strict,
             )
+
+
+def _activate(strict: bool) -> ForkState:
+    """The body of :func:`activate`, under its lock."""
+    if not _env_flag(ENV_SWITCH):
+        value = os.environ.get(ENV_SWITCH, "").strip()
+        reason = f"turned off by {ENV_SWITCH}={value}; stock vLLM runs"
+        return _fail(reason, strict=strict, info=True)
+    verdict = judge()
+    _state.vllm_version = verdict.vllm.version
+    _state.vllm_version_source = verdict.vllm.source
+    if verdict.sources is None:
+        return _fail(verdict.message(), Verdict.ADVICE, strict=strict, info=verdict.eager)
+    sources, digest = verdict.sources, verdict.digest
+    early = _early_stock_modules()
+    if early:
+        return _fail(*_early_import_reason(early), strict=strict)
+    try:
+        cache_dir, files = materialize(sources, digest)
+    except SeriesError as e:
+        return _fail(
+            e.reason, "Set VLLM_COMPILATION_CACHE_DIR to a writable directory.", strict=strict
+        )
+    loaders = {
+        f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
+        for name, path in files.items()
+    }
+    finder = PatchedModuleFinder(loaders)
+    # The check and the switch are one step for every other thread's imports: each import
+    # takes the global import lock to get its module lock, so none can begin in between,
+    # and one already under way is seen by its lock: no finder goes in only to come out.
+    _imp.acquire_lock()
+    try:
         early = _early_stock_modules()
-        if early:
-            return _fail(_early_import_reason(early), strict=strict)
-        try:
-            cache_dir, files = materialize(sources, digest)
-        except SeriesError as e:
-            return _fail(f"{e.reason}; stock vLLM keeps running", strict=strict)
-        loaders = {
-            f"{PACKAGE}.{name}": _PatchedSourceLoader(f"{PACKAGE}.{name}", sources[name], path)
-            for name, path in files.items()
-        }
-        finder = PatchedModuleFinder(loaders)
-        sys.meta_path.insert(0, finder)
-        early = _early_stock_modules()  # imported by another thread meanwhile
-        if early:
-            sys.meta_path.remove(finder)
-            return _fail(_early_import_reason(early), strict=strict)
-        for name in RE_EXECUTABLE_MODULES:
-            module = sys.modules.get(f"{PACKAGE}.{name}")
-            if module is not None and not is_patched(module):
-                _re_execute(module, loaders[f"{PACKAGE}.{name}"])
-        _state.active = True
-        _state.reason = "patched modules are served for vllm.compilation"
-        _state.cache_dir = str(cache_dir)
-        _state.series_dir = str(default_series_dir())
-        _state.files = files
-        return _state
+        busy = [] if early else _imports_in_progress()
+        if not early and not busy:
+            sys.meta_path.insert(0, finder)
+    finally:
+        _imp.release_lock()
+    if early:  # imported by another thread since the first check
+        return _fail(*_early_import_reason(early), strict=strict)
+    if busy:
+        return _fail(*_in_progress_reason(busy), strict=strict)
+    for name in RE_EXECUTABLE_MODULES:
+        module = sys.modules.get(f"{PACKAGE}.{name}")
+        if module is not None and not is_patched(module):
+            _re_execute(module, loaders[f"{PACKAGE}.{name}"])
+    _state.active = True
+    _state.reason = "patched modules are served for vllm.compilation"
+    _state.cache_dir = str(cache_dir)
+    _state.series_dir = str(default_series_dir())
+    _state.files = files
+    return _state
 
 
 def mirror(mirror_name: str) -> None:

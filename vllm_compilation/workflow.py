@@ -155,10 +155,17 @@ class CheckResult:
     series: Series | None  # None if the series cannot be read
     apply_error: str | None  # why it does not apply to the installed vLLM, if it does not
     header_problems: list[str]
+    verdict: loader.Verdict | None = None  # the plugin's verdict on the installed vLLM
+
+    @property
+    def not_needed(self) -> bool:
+        """vLLM 0.18 or later: the plugin stays off without an error, and so does check."""
+        return self.verdict is not None and self.verdict.eager
 
     @property
     def ok(self) -> bool:
-        return self.series is not None and not self.apply_error and not self.header_problems
+        applies = not self.apply_error or self.not_needed
+        return self.series is not None and applies and not self.header_problems
 
 
 def check(series_dir: Path | None = None) -> CheckResult:
@@ -167,12 +174,9 @@ def check(series_dir: Path | None = None) -> CheckResult:
         series = read_series(series_dir)
     except SeriesError as e:
         return CheckResult(None, str(e), [])
-    apply_error = None
-    try:
-        loader.patched_sources(series)  # exactly what the plugin does
-    except SeriesError as e:
-        apply_error = str(e)
-    return CheckResult(series, apply_error, header_problems(series))
+    verdict = loader.judge(series)  # exactly what the plugin decides
+    apply_error = str(verdict.error) if verdict.error else None
+    return CheckResult(series, apply_error, header_problems(series), verdict)
 
 
 # --- git -----------------------------------------------------------------------------------
@@ -233,16 +237,9 @@ class ExportResult:
 
 def _vllm_version_at(root: Path) -> str | None:
     """The version of the vLLM whose package is ``root/vllm``, if it can be told."""
-    installed = loader.vllm_package_dir()
-    if installed is not None and installed.parent.resolve() == root.resolve():
-        return loader.installed_vllm_version()
-    try:  # a wheel (installed or unpacked) has the version setuptools-scm wrote
-        text = (root / "vllm" / "_version.py").read_text()
-        match = re.search(r"^__version__ = version = ['\"]([^'\"]+)['\"]", text, re.M)
-        if match:
-            return match.group(1)
-    except OSError:
-        pass
+    version = loader.package_version(root / "vllm").version
+    if version:  # a wheel or a build: the package's _version.py, or its dist-info
+        return version
     if (root / ".git").exists():  # a source checkout: its tag, e.g. v0.17.1
         described = _git(root, "describe", "--tags", "--always", check=False)
         if described.returncode == 0 and described.stdout.strip():
@@ -289,10 +286,16 @@ def export(
             )
     version = _vllm_version_at(vllm_root)
     message = f"vLLM {version or '(version unknown)'} pristine compilation files"
-    directory.mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-        (directory / rel).write_bytes(data)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for rel, data in files.items():
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+            (directory / rel).write_bytes(data)
+    except OSError as e:  # e.g. a regular file where a parent directory should be
+        raise WorkflowError(
+            f"cannot create {directory}: {e.strerror or e} ({e.filename}); "
+            "give a new directory in a writable place"
+        ) from e
     _git(directory, "init", "-q", "--initial-branch=main")
     _git(directory, "add", "--", *files)
     _git(directory, "commit", "-q", "-m", message)
@@ -321,7 +324,8 @@ class RefreshResult:
     series_dir: Path
     patches: list[str]  # the new series, in order
     written: list[str]  # files of the series directory whose content changed
-    removed: list[str]  # patch files no longer in the series
+    removed: list[str]  # patch files the old series listed and the new one does not
+    left_alone: list[str]  # other *.patch files in the directory, never listed by a series
     header_problems: list[str]
     index: Path | None  # docs/patches.md, when there is one to keep in step
 
@@ -398,6 +402,16 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def _listed(series_dir: Path) -> set[str]:
+    """The patch names the directory's current ``series`` lists (none if it cannot be read),
+    whether or not those patches still parse."""
+    try:
+        text = (series_dir / "series").read_text(errors="replace")
+    except OSError:
+        return set()
+    return {n for n in (ln.split("#", 1)[0].strip() for ln in text.split("\n")) if n}
+
+
 def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult:
     """Regenerate the series directory (patches, ``series``, ``manifest``) from ``directory``.
 
@@ -408,6 +422,7 @@ def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult
     directory = Path(directory)
     series_dir = Path(series_dir) if series_dir is not None else default_series_dir()
     root = _single_root(directory)
+    listed_before = _listed(series_dir)
     paths = _manifest_order(
         series_dir, _git(directory, "ls-tree", "-r", "--name-only", root).stdout.splitlines()
     )
@@ -421,13 +436,16 @@ def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult
         (out / "manifest").write_text(manifest)
         try:
             new_series = read_series(out)
-            patched = apply_series(new_series, {p: d.decode() for p, d in pristine.items()})
+            texts = {p: d.decode("utf-8", "surrogateescape") for p, d in pristine.items()}
+            patched = apply_series(new_series, texts)
         except SeriesError as e:
             raise WorkflowError(
                 f"the regenerated series would not be usable, nothing was written: {e}"
             ) from e
         for path, text in patched.items():
-            if text.encode() != _git_bytes(directory, "show", f"HEAD:{path}"):
+            if text.encode("utf-8", "surrogateescape") != _git_bytes(
+                directory, "show", f"HEAD:{path}"
+            ):
                 raise WorkflowError(
                     f"the regenerated series does not reproduce {path} of HEAD in {directory}; "
                     "nothing was written"
@@ -438,11 +456,16 @@ def refresh(directory: Path, *, series_dir: Path | None = None) -> RefreshResult
             for name in [*names, "series", "manifest"]
             if _write_if_changed(series_dir / name, (out / name).read_bytes())
         ]
-    removed = sorted(p.name for p in series_dir.glob("*.patch") if p.name not in names)
+    # only files the old series listed are ours to remove: anything else is somebody's work
+    stale = sorted(p.name for p in series_dir.glob("*.patch") if p.name not in names)
+    removed = [name for name in stale if name in listed_before]
+    left_alone = [name for name in stale if name not in listed_before]
     for name in removed:
         (series_dir / name).unlink()
     final = read_series(series_dir)
     index = index_path(series_dir)
     if index is not None:
         _write_if_changed(index, patch_index(final).encode())
-    return RefreshResult(series_dir, names, written, removed, header_problems(final), index)
+    return RefreshResult(
+        series_dir, names, written, removed, left_alone, header_problems(final), index
+    )
