@@ -62,6 +62,6 @@ setup(
     entry_points={
         "vllm.general_plugins": ["vllm_compilation = vllm_compilation.plugin:register"],
         "pytest11": ["vllm_compilation = vllm_compilation.pytest_plugin"],
-        "console_scripts": ["vllm-compilation = vllm_compilation.cli:main"],
+        "console_scripts": ["vllm-compilation = vllm_compilation.tools.cli:main"],
     },
 )

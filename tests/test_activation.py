@@ -139,7 +139,7 @@ def test_materialized_files_are_what_runs(tmp_path: Path) -> None:
 
 
 def test_cli_status_after_plugins_and_check() -> None:
-    proc = run_python(["-m", "vllm_compilation.cli", "status", "--json"])
+    proc = run_python(["-m", "vllm_compilation.tools.cli", "status", "--json"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["active"] is True
@@ -148,7 +148,7 @@ def test_cli_status_after_plugins_and_check() -> None:
     assert set(report["modules"]) == set(loader.ALL_MODULES)
     assert report["plugin"]["loaded_by_vllm"] is True
 
-    check = run_python(["-m", "vllm_compilation.cli", "check"])
+    check = run_python(["-m", "vllm_compilation.tools.cli", "check"])
     assert check.returncode == 0, check.stderr
     assert "OK" in check.stdout
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_python
-from vllm_compilation import cli
+from vllm_compilation.tools import cli
 
-STATUS = ["-m", "vllm_compilation.cli", "status"]
+STATUS = ["-m", "vllm_compilation.tools.cli", "status"]
 
 
 def _broken_torch(tmp_path: Path) -> Path:

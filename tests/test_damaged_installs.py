@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_python
-from vllm_compilation import cli
 from vllm_compilation.series import read_series
+from vllm_compilation.tools import cli
 
 ACTIVATE = r"""
 import json

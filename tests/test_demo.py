@@ -39,7 +39,7 @@ SCENARIO_FIELDS = {
 
 
 def _cli_json(args: list[str]) -> dict[str, Any]:
-    proc = run_python(["-m", "vllm_compilation.cli", *args, "--json"])
+    proc = run_python(["-m", "vllm_compilation.tools.cli", *args, "--json"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -78,7 +78,7 @@ def test_demo_json_fork_compiles_only_in_first_forward() -> None:
 
 def test_demo_text_states_the_scenario_and_what_it_shows() -> None:
     proc = run_python(
-        ["-m", "vllm_compilation.cli", "demo", "--sizes", "5", "--split-points", "8"]
+        ["-m", "vllm_compilation.tools.cli", "demo", "--sizes", "5", "--split-points", "8"]
         + ["--compile-sizes", "4", "--max-tokens", "16"]
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

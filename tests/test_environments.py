@@ -147,7 +147,7 @@ def test_files_of_vllm_017_with_018_metadata_first_get_the_fork(tmp_path: Path) 
 
 def test_check_agrees_with_the_plugin_on_vllm_018(tmp_path: Path) -> None:
     tree = _tree(tmp_path, version="0.18.0", edits=EAGER_EDITS)
-    proc = run_python(["-m", "vllm_compilation.cli", "check"], env={"PYTHONPATH": str(tree)})
+    proc = run_python(["-m", "vllm_compilation.tools.cli", "check"], env={"PYTHONPATH": str(tree)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAILED" not in proc.stdout + proc.stderr
     assert "Rebase" not in proc.stdout + proc.stderr

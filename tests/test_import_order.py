@@ -178,7 +178,8 @@ def test_coupled_module_imported_early_raises_in_strict_mode(
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_cli_status_reports_what_an_import_would_give(switch: str) -> None:
     proc = run_python(
-        ["-m", "vllm_compilation.cli", "status", "--json"], env={"VLLM_COMPILATION_FORK": switch}
+        ["-m", "vllm_compilation.tools.cli", "status", "--json"],
+        env={"VLLM_COMPILATION_FORK": switch},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout[proc.stdout.index("{") :])

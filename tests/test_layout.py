@@ -41,7 +41,11 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_runtime_modules_import_neither_harness_nor_tools() -> None:
     assert {p.name for p in PACKAGE.glob("*.py")} >= set(RUNTIME)
-    outside = ("vllm_compilation.harness", "vllm_compilation.cli", "vllm_compilation.workflow")
+    outside = (
+        "vllm_compilation.harness",
+        "vllm_compilation.tools.cli",
+        "vllm_compilation.tools.workflow",
+    )
     for name in RUNTIME:
         imported = _imported_modules(PACKAGE / name)
         assert not [m for m in imported if m.startswith(outside)], name
@@ -64,4 +68,7 @@ def test_a_vllm_process_with_the_fork_never_loads_the_harness() -> None:
     loaded = ast.literal_eval(line.split(" ", 1)[1])
     assert "vllm_compilation.loader" in loaded
     assert not [m for m in loaded if m.startswith("vllm_compilation.harness")], loaded
-    assert "vllm_compilation.cli" not in loaded and "vllm_compilation.workflow" not in loaded
+    assert (
+        "vllm_compilation.tools.cli" not in loaded
+        and "vllm_compilation.tools.workflow" not in loaded
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vllm_compilation import cli
+from vllm_compilation.tools import cli
 
 SOURCES = [
     "setup.py",

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vllm_compilation import cli, loader
+from vllm_compilation import loader
 from vllm_compilation.series import SeriesError, apply_series, read_series, sha256_text
-from vllm_compilation.workflow import header_fields, patch_index
+from vllm_compilation.tools import cli
+from vllm_compilation.tools.workflow import header_fields, patch_index
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 

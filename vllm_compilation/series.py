@@ -94,13 +94,22 @@ class Series:
         return h.hexdigest()
 
 
+def shipped_dir(name: str) -> Path:
+    """A directory shipped with the package (``patches``, ``docs``).
+
+    Package data in a wheel (``vllm_compilation/<name>``), the directory at the root of a
+    checkout otherwise.
+    """
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / name, package_dir.parent / name):
+        if candidate.is_dir():
+            return candidate
+    return package_dir / name
+
+
 def default_series_dir() -> Path:
     """The series shipped with this package: package data in a wheel, ``patches/`` in a checkout."""
-    package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir / "patches", package_dir.parent / "patches"):
-        if (candidate / SERIES_NAME / "series").is_file():
-            return candidate / SERIES_NAME
-    return package_dir / "patches" / SERIES_NAME
+    return shipped_dir("patches") / SERIES_NAME
 
 
 def sha256_text(text: str) -> str:

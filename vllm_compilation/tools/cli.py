@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_compilation import __version__, loader, workflow
-from vllm_compilation.series import SERIES_NAME, SeriesError, read_series
+from vllm_compilation import __version__, loader
+from vllm_compilation.series import SERIES_NAME, SeriesError, read_series, shipped_dir
+from vllm_compilation.tools import workflow
 
 PLUGIN_NAME = "vllm_compilation"
 
@@ -227,11 +228,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def docs_dir() -> Path:
     """The documents shipped with the package: package data in a wheel, ``docs/`` in a
     checkout."""
-    package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir / "docs", package_dir.parent / "docs"):
-        if candidate.is_dir() and any(candidate.glob("*.md")):
-            return candidate
-    return package_dir / "docs"
+    return shipped_dir("docs")
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
