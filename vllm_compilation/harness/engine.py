@@ -35,6 +35,34 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """One input of the model: a view of a persistent buffer, as the model runner's are.
+
+    ``shape`` is the buffer's shape with ``-1`` at the batch dimension, which has
+    ``max_num_batched_tokens + extra`` entries; a forward of n tokens gets the first n of them
+    (``buf[:n]``, or ``buf[:, :n]`` for M-RoPE's positions). An input without ``-1`` is passed
+    whole; ``first`` starts the view further into the buffer's first dimension (a storage
+    offset). Buffers batched along their first dimension grow with the largest forward so far (a
+    view's strides do not depend on it), so that a test can compile a huge size without the
+    profile run's memory; the others are allocated whole, as the runner does, since their
+    strides are the buffer's length.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    extra: int = 0
+    dtype: torch.dtype | None = None  # None: the model's dtype
+    first: int = 0  # the view starts at this index of the buffer's first dimension
+
+    @property
+    def batch_dim(self) -> int | None:
+        return self.shape.index(-1) if -1 in self.shape else None
+
+    def buffer_shape(self, batch: int) -> list[int]:
+        return [batch + self.extra if d == -1 else d for d in self.shape]
+
+
 @dataclass
 class ForwardRecord:
     """One forward the driver ran: in which phase, its size, what it cost."""
@@ -46,20 +74,22 @@ class ForwardRecord:
     inductor_compiles: int  # vLLM's num_inductor_compiles during the forward
 
 
+Inputs = dict[str, torch.Tensor]
+
+
 @dataclass
 class EngineShapedDriver:
-    """A model, its config and persistent input buffer, driven as vLLM's worker does."""
+    """A model, its config and persistent input buffers, driven as vLLM's worker does."""
 
     vllm_config: Any
     model: nn.Module
-    # Forwards get views of the leading rows of this persistent buffer, as the runner's
-    # forwards get views of its input buffers. The runner allocates max_num_tokens rows up
-    # front; this one grows to the largest forward so far, so that a test can compile a
-    # huge size without the profile run's memory.
-    input_buffer: torch.Tensor
+    model_inputs: list[ModelInput]
+    dtype: torch.dtype
+    device: torch.device
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[ForwardRecord] = field(default_factory=list)
     # called after every forward with its record, inputs and output (checks, timers)
-    observers: list[Callable[[ForwardRecord, torch.Tensor, torch.Tensor], None]] = field(
+    observers: list[Callable[[ForwardRecord, Inputs, torch.Tensor], None]] = field(
         default_factory=list
     )
 
@@ -71,11 +101,20 @@ class EngineShapedDriver:
         vllm_config: Any,
         build: Callable[..., nn.Module],
         *,
-        input_width: int,
+        model_inputs: list[ModelInput],
         prefix: str = "",
+        model_tag: str | None = None,
         **model_kwargs: Any,
     ) -> EngineShapedDriver:
-        """Build the model as ``Worker.load_model`` and vLLM's model loader do."""
+        """Build the model as ``Worker.load_model`` and vLLM's model loader do.
+
+        ``model_tag`` names the model's compile cache, as vLLM tags a second model of one
+        process (``set_model_tag("eagle_head")`` around a drafter's load): models built with
+        one config from one source file would otherwise share it.
+        """
+        from contextlib import nullcontext
+
+        from vllm.compilation.backends import set_model_tag
         from vllm.config import CUDAGraphMode, set_current_vllm_config
         from vllm.utils.torch_utils import set_default_torch_dtype
 
@@ -87,6 +126,7 @@ class EngineShapedDriver:
         dtype = model_config.dtype if model_config is not None else torch.float32
         device = torch.device(vllm_config.device_config.device)
         with (
+            set_model_tag(model_tag) if model_tag else nullcontext(),
             set_current_vllm_config(vllm_config),  # gpu_worker.load_model
             set_default_torch_dtype(dtype),  # base_loader.load_model
             device,
@@ -94,9 +134,13 @@ class EngineShapedDriver:
             set_current_vllm_config(vllm_config, check_compile=True, prefix=prefix),
         ):
             model = build(vllm_config=vllm_config, prefix=prefix, **model_kwargs)
-        # outside any config context, as the runner's buffers are
-        input_buffer = torch.empty(0, input_width, dtype=dtype, device=device)
-        return cls(vllm_config=vllm_config, model=model, input_buffer=input_buffer)
+        return cls(
+            vllm_config=vllm_config,
+            model=model,
+            model_inputs=list(model_inputs),
+            dtype=dtype,
+            device=device,
+        )
 
     # -- forwards -----------------------------------------------------------------------------
 
@@ -104,21 +148,36 @@ class EngineShapedDriver:
     def max_num_tokens(self) -> int:
         return int(self.vllm_config.scheduler_config.max_num_batched_tokens)
 
-    @property
-    def device(self) -> torch.device:
-        return self.input_buffer.device
-
-    def inputs(self, num_tokens: int) -> torch.Tensor:
-        """The inputs of a forward of ``num_tokens``: deterministic values, a buffer view."""
-        rows, hidden = self.input_buffer.shape
-        if num_tokens > rows:
-            # a normal tensor, as the runner's buffers are, even when grown inside a forward
+    def _buffer(self, spec: ModelInput, num_tokens: int) -> torch.Tensor:
+        buffer = self.buffers.get(spec.name)
+        grows = spec.batch_dim == 0
+        if buffer is None or (grows and buffer.shape[0] < num_tokens + spec.extra):
+            batch = num_tokens if grows else self.max_num_tokens
+            # a normal tensor, as the runner's buffers are, even when made inside a forward
             with torch.inference_mode(False):
-                self.input_buffer = self.input_buffer.new_empty(num_tokens, hidden)
-        values = torch.linspace(-1, 1, num_tokens * hidden, device=self.device)
-        view = self.input_buffer[:num_tokens]
-        view.copy_(values.reshape(num_tokens, hidden))
-        return view
+                buffer = torch.empty(
+                    spec.buffer_shape(batch), dtype=spec.dtype or self.dtype, device=self.device
+                )
+            self.buffers[spec.name] = buffer
+        return buffer
+
+    def inputs(self, num_tokens: int) -> Inputs:
+        """The inputs of a forward of ``num_tokens``: views of the buffers, filled with
+        deterministic values."""
+        views = {}
+        for spec in self.model_inputs:
+            buffer = self._buffer(spec, num_tokens)
+            dim = spec.batch_dim
+            view = buffer if dim is None else buffer.narrow(dim, 0, num_tokens)
+            if spec.first:
+                view = view[spec.first :]
+            if view.dtype.is_floating_point:
+                values = torch.linspace(-1, 1, view.numel(), device=self.device)
+            else:
+                values = torch.arange(view.numel(), device=self.device) % 97
+            view.copy_(values.reshape(view.shape))
+            views[spec.name] = view
+        return views
 
     @torch.inference_mode()
     def forward(self, num_tokens: int, phase: str = "serve") -> torch.Tensor:
@@ -140,7 +199,7 @@ class EngineShapedDriver:
         self._synchronize()
         started = time.perf_counter()
         with set_forward_context(None, self.vllm_config, num_tokens=num_tokens):
-            output = self.model(inputs)
+            output = self.model(**inputs)
         self._synchronize()
         record = ForwardRecord(
             phase=phase,

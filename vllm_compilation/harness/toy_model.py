@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vllm_compilation.harness.engine import EngineShapedDriver
+from vllm_compilation.harness.engine import EngineShapedDriver, ModelInput
 
 SPLIT_OP_NAMESPACE = "vllm_compilation_toy"
 SPLIT_OP = f"{SPLIT_OP_NAMESPACE}::split_point"
@@ -174,13 +174,7 @@ def _toy_model_class() -> type[nn.Module]:
             weight_only_piece: bool = False,
         ) -> None:
             super().__init__()
-            generator = torch.Generator().manual_seed(0)
-            # created on the CPU, so that every device gets the same values
-            w1 = torch.randn(hidden, hidden, generator=generator, device="cpu") * 0.1
-            w2 = torch.randn(hidden, hidden, generator=generator, device="cpu") * 0.1
-            # vLLM's weights do not require grad
-            self.w1 = nn.Parameter(w1.to(torch.get_default_device()), requires_grad=False)
-            self.w2 = nn.Parameter(w2.to(torch.get_default_device()), requires_grad=False)
+            self.w1, self.w2 = _weights(hidden)
             self.weight_only_piece = weight_only_piece
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +189,107 @@ def _toy_model_class() -> type[nn.Module]:
             return torch.tanh(x @ self.w2) * 2.0
 
     return ToyModel
+
+
+def _weights(hidden: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """Two fixed weights, made on the CPU so that every device gets the same values."""
+    generator = torch.Generator().manual_seed(0)
+    w1 = torch.randn(hidden, hidden, generator=generator, device="cpu") * 0.1
+    w2 = torch.randn(hidden, hidden, generator=generator, device="cpu") * 0.1
+    device = torch.get_default_device()
+    # vLLM's weights do not require grad
+    return (
+        nn.Parameter(w1.to(device), requires_grad=False),
+        nn.Parameter(w2.to(device), requires_grad=False),
+    )
+
+
+HIDDEN_VARIANTS = 16
+VARIANTS = ("mrope-positions", "independent-length", "two-batch-inputs", "offset-view")
+
+
+def _variant_classes() -> dict[str, tuple[type[nn.Module], list[ModelInput]]]:
+    """Models whose graphs hold a symbol besides the batch size, or two for it.
+
+    Each is the case of upstream issue #50046 (or its neighbour) in a few lines, with the
+    inputs laid out as vLLM's model runner lays them out.
+    """
+    from vllm.compilation.decorators import support_torch_compile
+
+    class _Base(nn.Module):
+        def __init__(self, *, vllm_config: Any, prefix: str = "", hidden: int = 16) -> None:
+            super().__init__()
+            self.w1, self.w2 = _weights(hidden)
+
+    @support_torch_compile(dynamic_arg_dims={"x": 0, "positions": 1})
+    class MRopePositions(_Base):
+        """positions: M-RoPE's ``buf[:, :num_tokens]`` of a (3, max_num_tokens + 1) buffer;
+        its row stride is a symbol of its own."""
+
+        def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            x = torch.ops.vllm_compilation_toy.observe_forward(x)
+            p = positions.to(x.dtype).sum(0, keepdim=True).T
+            return torch.tanh(x @ self.w1 + 0.01 * p)
+
+    @support_torch_compile(dynamic_arg_dims={"x": 0, "memory": 0})
+    class IndependentLength(_Base):
+        """memory: an input whose length is dynamic and independent of the batch size (an
+        encoder's output, say)."""
+
+        def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            x = torch.ops.vllm_compilation_toy.observe_forward(x)
+            return torch.tanh(x @ self.w1 + memory.mean(0))
+
+    @support_torch_compile(dynamic_arg_dims={"x": 0, "y": 0})
+    class TwoBatchInputs(_Base):
+        """x and y both have the batch size; traced without duck shapes they get two symbols,
+        which the sum proves equal."""
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            x = torch.ops.vllm_compilation_toy.observe_forward(x)
+            return torch.tanh((x + y) @ self.w1)
+
+    @support_torch_compile(dynamic_arg_dims={"x": 0, "rows": 1})
+    class OffsetView(_Base):
+        """rows: ``buf[1:, :num_tokens]`` of a (3, max_num_tokens + 1) buffer, whose storage
+        offset is the buffer's row length, a symbol of its own."""
+
+        def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            x = torch.ops.vllm_compilation_toy.observe_forward(x)
+            return torch.tanh(x @ self.w2 + rows.to(x.dtype).mean(0, keepdim=True).T)
+
+    return {
+        "mrope-positions": (
+            MRopePositions,
+            [ModelInput("positions", (3, -1), extra=1, dtype=torch.int64)],
+        ),
+        "independent-length": (IndependentLength, [ModelInput("memory", (5, HIDDEN_VARIANTS))]),
+        "two-batch-inputs": (TwoBatchInputs, [ModelInput("y", (-1, HIDDEN_VARIANTS))]),
+        "offset-view": (
+            OffsetView,
+            [ModelInput("rows", (3, -1), extra=1, first=1, dtype=torch.int64)],
+        ),
+    }
+
+
+_model_class: type[nn.Module] | None = None
+_variants: dict[str, tuple[type[nn.Module], list[ModelInput]]] | None = None
+
+
+def load_variant(name: str, vllm_config: Any) -> EngineShapedDriver:
+    """One of ``VARIANTS``, loaded as vLLM's worker loads a model."""
+    global _variants
+    register_cpu_ops()
+    if _variants is None:
+        _variants = _variant_classes()
+    cls, extra_inputs = _variants[name]
+    return EngineShapedDriver.load_model(
+        vllm_config,
+        cls,
+        model_inputs=[ModelInput("x", (-1, HIDDEN_VARIANTS)), *extra_inputs],
+        model_tag=name,
+        hidden=HIDDEN_VARIANTS,
+    )
 
 
 _model_class: type[nn.Module] | None = None
@@ -216,13 +311,13 @@ def load(
     return EngineShapedDriver.load_model(
         vllm_config,
         model_class(),
-        input_width=hidden,
+        model_inputs=[ModelInput("x", (-1, hidden))],
         hidden=hidden,
         weight_only_piece=weight_only_piece,
     )
 
 
-def eager_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def eager_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's forward without compilation, for comparing outputs."""
     with torch.inference_mode():
-        return model.forward(x)
+        return model.forward(**inputs)
