@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from vllm_compilation.series import (
     read_series,
     sha256_text,
 )
+from vllm_compilation.tools.workflow import author, description, header_fields, header_problems
 
 PATCH = """From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
 Subject: [PATCH] Change b
@@ -84,10 +86,14 @@ def test_series_is_complete_and_has_headers() -> None:
     pristine = loader.read_pristine(loader.vllm_package_dir().parent, series.targets)
     for path, digest in series.manifest.items():
         assert sha256_text(pristine[path]) == digest
-    for patch in series.patches:
-        for field in ("What:", "Why:", "Origin:", "Upstream-Status:", "Removal:"):
-            assert field in patch.header, f"{patch.name} lacks {field}"
-        assert "Signed-off-by: " in patch.header, patch.name
+    assert header_problems(series) == []
+    for patch in series.patches:  # DEP-3, and signed off by the patch's author
+        fields = header_fields(patch)
+        assert description(patch), patch.name
+        for field in ("Origin", "Forwarded", "Last-Update", "Removal"):
+            assert fields.get(field), f"{patch.name} lacks {field}"
+        assert fields["Origin"][0].split(",")[0] in ("backport", "vendor"), patch.name
+        assert author(patch) in fields["Signed-off-by"], patch.name
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -111,9 +117,14 @@ def test_git_am_on_installed_vllm_gives_the_served_files(tmp_path: Path) -> None
     git("init", "-q")
     git("add", "-A")
     git("commit", "-qm", "pristine vLLM")
-    for patch in series.patches:
+    pristine = loader.read_pristine(site, series.targets)
+    for k, patch in enumerate(series.patches, 1):
         git("apply", "--check", str(series.directory / patch.name))
         git("am", "-q", str(series.directory / patch.name))
+        # each patch stands alone: the first k patches give what the applier gives for them
+        first_k = apply_series(dataclasses.replace(series, patches=series.patches[:k]), pristine)
+        for rel, text in first_k.items():
+            assert (repo / rel).read_text() == text, (patch.name, rel)
     sources, _ = loader.patched_sources()
     for name, text in sources.items():
         assert (repo / "vllm" / "compilation" / f"{name}.py").read_text() == text, name

@@ -23,12 +23,11 @@ pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 HEADER = """{subject}
 
-What: one more comment line in monitor.py.
+One more comment line in monitor.py, to see refresh append a patch.
 
-Why: to see refresh append a patch.
-
-Origin: ours
-Upstream-Status: not forwarded
+Origin: vendor
+Forwarded: no
+Last-Update: 2026-11-26
 Removal: drop when vLLM >= 0.18 is the floor
 
 Signed-off-by: Test <test@example.com>
@@ -138,7 +137,7 @@ def test_refresh_keeps_headers_and_order_after_edits(
         assert after[patch.name] == before[patch.name], patch.name
     assert after[last.name] != before[last.name]
     assert new.patches[-2].header == last.header  # message kept byte for byte
-    assert header_fields(new.patches[-1])["Origin"] == ["ours"]
+    assert header_fields(new.patches[-1])["Origin"] == ["vendor"]
     assert after["manifest"] == before["manifest"]
     assert apply_series(new, pristine_texts(new.targets)) == worktree_texts(repo, new.targets)
     rc, out, err = run_cli(capsys, "check", "--series-dir", series_dir)

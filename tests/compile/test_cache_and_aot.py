@@ -47,7 +47,7 @@ MODES = {
     "aot": {"VLLM_USE_AOT_COMPILE": "1"},
     "mega-aot": {"VLLM_USE_AOT_COMPILE": "1", "VLLM_USE_MEGA_AOT_ARTIFACT": "1"},
 }
-PROGRESS = re.compile(r"\[\d+/6\] loaded piece 1/1, range \(\d+, \d+\) from the cache")
+PROGRESS = re.compile(r"\[\d+/6\] range \(\d+, \d+\): 1 piece loaded from the cache")
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -14,6 +14,9 @@ from vllm_compilation.series import SERIES_NAME, SeriesError, read_series, shipp
 from vllm_compilation.tools import workflow
 
 PLUGIN_NAME = "vllm_compilation"
+HEADERS = (
+    "DEP-3 (a description, Origin, Forwarded, Last-Update, Removal) and signed off by its author"
+)
 
 
 def _plugin_info() -> dict[str, Any]:
@@ -156,14 +159,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if result.not_needed:
         print(
             f"vllm-compilation check: OK: every header of the {len(series.patches)} patches "
-            "has What, Why, Origin, Upstream-Status, Removal and Signed-off-by"
+            f"is {HEADERS}"
         )
         return 0
     print(
         f"vllm-compilation check: OK: {len(series.patches)} patches of {SERIES_NAME} apply "
         f"to {loader.installed_vllm_version().describe()} ({len(series.manifest)} files match "
-        "the manifest); every header has What, Why, Origin, Upstream-Status, Removal and "
-        "Signed-off-by"
+        f"the manifest); every header is {HEADERS}"
     )
     return 0
 
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         "does the series apply to the installed vLLM, and are its headers complete",
         "Apply the series to the installed vLLM exactly as the plugin does and check every "
-        "patch header (What, Why, Origin, Upstream-Status, Removal, Signed-off-by). Exit 0 if "
+        f"patch header ({HEADERS}). Exit 0 if "
         "all is well (on vLLM 0.18 or later: the fork is not needed), 1 with one FAILED line "
         "per problem otherwise.",
         parents=[series_dir],

@@ -5,9 +5,10 @@ manifest and which has one commit per patch, applied with ``git am``; its workin
 forked files. People edit there with ordinary git (amend, ``rebase -i``, new commits).
 ``refresh DIR`` turns that history back into the series directory with ``git format-patch``,
 exactly as the shipped patches were produced, so export then refresh with no edits changes no
-byte. The patch headers (What, Why, Origin, Upstream-Status, Removal, Signed-off-by) are the
-commit messages; :func:`header_problems` checks them and :func:`patch_index` renders the
-Markdown index of ``docs/patches.md`` from them.
+byte. The patch headers are the commit messages, in DEP-3 form (a description, then Origin,
+Bug, Forwarded, Applied-Upstream, Last-Update, our Removal, and the author's Signed-off-by);
+:func:`header_problems` checks them and :func:`patch_index` renders the Markdown index of
+``docs/patches.md`` from them.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ from vllm_compilation.series import (
     read_series,
 )
 
-REQUIRED_FIELDS = ("What", "Why", "Origin", "Upstream-Status", "Removal")
+# DEP-3 (https://dep-team.pages.debian.net/deps/dep3/) fields, plus Removal: when the patch
+# can go. The description is the message's text before the fields.
+FIELDS = ("Origin", "Bug", "Forwarded", "Applied-Upstream", "Last-Update", "Removal")
+REQUIRED_FIELDS = ("Origin", "Forwarded", "Last-Update", "Removal")
+ORIGIN_KINDS = ("upstream", "backport", "vendor", "other")
 SIGN_OFF = "Signed-off-by"
+_URL = re.compile(r"https?://\S+")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 # The identity of the commits export makes (the root; git am keeps each patch's author).
 GIT_IDENTITY = (
@@ -55,9 +62,7 @@ FORMAT_PATCH = (
 )
 INDEX_NAME = "patches.md"
 
-_FIELD_LINE = re.compile(
-    r"^(" + "|".join(map(re.escape, REQUIRED_FIELDS)) + r"|[A-Za-z-]+-by):[ \t]*(.*)$"
-)
+_FIELD_LINE = re.compile(r"^(" + "|".join(map(re.escape, FIELDS)) + r"|[A-Za-z-]+-by):[ \t]*(.*)$")
 _IN_PROGRESS = ("rebase-merge", "rebase-apply", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD")
 
 
@@ -71,14 +76,24 @@ class WorkflowError(Exception):
 def header_fields(patch: Patch) -> dict[str, list[str]]:
     """The header fields of a patch's message, each value with its folded lines joined.
 
-    A field runs from ``Name:`` to the next field or blank line, so both indented folds
-    (``Origin:``) and plain paragraphs (``What:``) are read whole. Trailers such as
-    ``Signed-off-by`` may repeat, hence lists.
+    A field runs from ``Name:`` to the next field or blank line (folded lines start with a
+    space). Trailers such as ``Signed-off-by`` may repeat, hence lists.
     """
+    fields: dict[str, list[str]] = {}
+    for name, value in _field_entries(patch):
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
+def _message_body(patch: Patch) -> str:
     _, _, body = patch.header.partition("\n\n")  # the mail headers (From, Subject) come first
+    return body
+
+
+def _field_entries(patch: Patch) -> list[tuple[str, str]]:
     entries: list[tuple[str, list[str]]] = []
     open_entry = False
-    for line in body.splitlines():
+    for line in _message_body(patch).split("\n"):
         match = _FIELD_LINE.match(line)
         if match:
             entries.append((match.group(1), [match.group(2).strip()]))
@@ -87,22 +102,65 @@ def header_fields(patch: Patch) -> dict[str, list[str]]:
             open_entry = False
         elif open_entry:
             entries[-1][1].append(line.strip())
-    fields: dict[str, list[str]] = {}
-    for name, parts in entries:
-        fields.setdefault(name, []).append(" ".join(part for part in parts if part))
-    return fields
+    return [(name, " ".join(part for part in parts if part)) for name, parts in entries]
+
+
+def description(patch: Patch) -> str:
+    """The DEP-3 description: the message's text before its first field."""
+    lines = []
+    for line in _message_body(patch).split("\n"):
+        if _FIELD_LINE.match(line):
+            break
+        lines.append(line)
+    return "\n".join(lines).strip()
+
+
+def author(patch: Patch) -> str | None:
+    """The patch's author, from its ``From:`` header (which git folds when it is long)."""
+    mail_headers, _, _ = patch.header.partition("\n\n")
+    found: list[str] | None = None
+    for line in mail_headers.split("\n"):
+        if found is not None and line[:1] in (" ", "\t"):
+            found.append(line.strip())
+        elif found is not None:
+            break
+        elif line.startswith("From: "):
+            found = [line[len("From: ") :].strip()]
+    return " ".join(found) if found is not None else None
 
 
 def header_problems(series: Series) -> list[str]:
-    """One line per patch whose header lacks a required field or a sign-off (DCO)."""
+    """One line per patch whose header is not complete DEP-3 with the author's sign-off."""
     problems = []
     for patch in series.patches:
         fields = header_fields(patch)
+        found: list[str] = []
         missing = [f"{name}:" for name in REQUIRED_FIELDS if not any(fields.get(name, []))]
-        if not any(fields.get(SIGN_OFF, [])):
+        if not description(patch):
+            missing.insert(0, "a description")
+        origin = (fields.get("Origin") or [""])[0]
+        kind = origin.split(",", 1)[0].strip()
+        if origin and kind not in ORIGIN_KINDS:
+            found.append(f"Origin {kind!r} is not one of {', '.join(ORIGIN_KINDS)}")
+        elif kind in ("upstream", "backport") and not _URL.search(origin):
+            found.append(f"Origin: {kind} names no URL")
+        forwarded = (fields.get("Forwarded") or [""])[0]
+        if forwarded and forwarded not in ("no", "not-needed") and not _URL.fullmatch(forwarded):
+            found.append("Forwarded is not no, not-needed or a URL")
+        updated = (fields.get("Last-Update") or [""])[0]
+        if updated and not _DATE.match(updated):
+            found.append("Last-Update is not YYYY-MM-DD")
+        if any(not _URL.fullmatch(bug) for bug in fields.get("Bug", [])):
+            found.append("Bug is not a URL")
+        sign_offs = fields.get(SIGN_OFF, [])
+        if not sign_offs:
             missing.append(f"{SIGN_OFF}:")
+        elif author(patch) not in sign_offs:
+            found.append(f"no {SIGN_OFF} by its author {author(patch)}")
         if missing:
-            problems.append(f"{patch.name}: header lacks {', '.join(missing)}")
+            found.insert(0, f"lacks {', '.join(missing)}")
+        if found:
+            problems.append(f"{patch.name}: header {'; '.join(found)}")
     return problems
 
 
@@ -120,11 +178,12 @@ def patch_index(series: Series) -> str:
         "     when this file and the headers differ. -->",
         "",
         f"The patches of `patches/{SERIES_NAME}`, in the order they apply "
-        f"([`series`](../patches/{SERIES_NAME}/series)). Each header also says What and Why; "
-        "see [upstreaming.md](upstreaming.md) for how to change them.",
+        f"([`series`](../patches/{SERIES_NAME}/series)). Each header is DEP-3: a description "
+        "(what the patch does and why), then the fields below and the author's "
+        "`Signed-off-by`; see [upstreaming.md](upstreaming.md) for how to change them.",
         "",
-        "| patch | subject | origin | upstream status | removal |",
-        "|---|---|---|---|---|",
+        "| patch | subject | origin | bug | forwarded | applied upstream | last update | removal |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for patch in series.patches:
         fields = header_fields(patch)
@@ -134,8 +193,9 @@ def patch_index(series: Series) -> str:
 
         link = f"[{_cell(patch.name)}](../patches/{SERIES_NAME}/{patch.name})"
         lines.append(
-            f"| {link} | {_cell(patch.subject)} | {value('Origin')} "
-            f"| {value('Upstream-Status')} | {value('Removal')} |"
+            f"| {link} | {_cell(patch.subject)} | {value('Origin')} | {value('Bug')} "
+            f"| {value('Forwarded')} | {value('Applied-Upstream')} | {value('Last-Update')} "
+            f"| {value('Removal')} |"
         )
     return "\n".join(lines) + "\n"
 
