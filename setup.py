@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_compilation", "vllm_compilation.patches"],
+    packages=["vllm_compilation", "vllm_compilation.harness", "vllm_compilation.patches"],
     package_dir={"vllm_compilation.patches": "patches"},
     package_data={"vllm_compilation.patches": ["vllm-0.17/*"]},
     install_requires=["vllm>=0.17.0,<0.18"],
