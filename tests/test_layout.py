@@ -4,7 +4,7 @@
   ``series``, ``plugin``, ``pytest_plugin`` and the mirrors of the four upstream modules;
 - the harness (``vllm_compilation.harness``): toy model, engine-shaped driver, scenario, demo,
   bench; it drives vLLM from outside;
-- maintainer tools: the CLI and the export/refresh workflow.
+- maintainer tools: the CLI and the export/refresh workflow, and `tools/` (the GPU kit).
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_runtime_modules_import_neither_harness_nor_tools() -> None:
     assert {p.name for p in PACKAGE.glob("*.py")} >= set(RUNTIME)
-    outside = ("vllm_compilation.harness", "vllm_compilation.cli", "vllm_compilation.workflow")
+    outside = (
+        "vllm_compilation.harness",
+        "vllm_compilation.cli",
+        "vllm_compilation.workflow",
+        "tools",  # the GPU kit and other maintainer tools outside the package
+    )
     for name in RUNTIME:
         imported = _imported_modules(PACKAGE / name)
         assert not [m for m in imported if m.startswith(outside)], name
