@@ -40,7 +40,13 @@ setup(
     license="Apache-2.0",
     license_files=["LICENSE"],
     python_requires=">=3.10",
-    packages=["vllm_compilation", "vllm_compilation.patches", "vllm_compilation.docs"],
+    packages=[
+        "vllm_compilation",
+        "vllm_compilation.harness",
+        "vllm_compilation.tools",
+        "vllm_compilation.patches",
+        "vllm_compilation.docs",
+    ],
     package_dir={"vllm_compilation.patches": "patches", "vllm_compilation.docs": "docs"},
     package_data={
         "vllm_compilation.patches": ["vllm-0.17/*"],

@@ -23,6 +23,26 @@ try:  # torch is installed with vLLM; CUDA is optional
 except Exception:  # pragma: no cover
     pass
 
+# Tests that download from the package index are marked ``network`` and run only when CI (or
+# you) sets this; they need network access and a few hundred MB of disk.
+NETWORK_TESTS = os.environ.get("VLLM_COMPILATION_NETWORK_TESTS") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "network: downloads from the package index; VLLM_COMPILATION_NETWORK_TESTS=1"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if NETWORK_TESTS:
+        return
+    skip = pytest.mark.skip(reason="downloads: set VLLM_COMPILATION_NETWORK_TESTS=1 to run")
+    for item in items:
+        if "network" in item.keywords:
+            item.add_marker(skip)
+
+
 DEVICES = [
     "cpu",
     pytest.param(

@@ -4,7 +4,7 @@
   ``series``, ``plugin``, ``pytest_plugin`` and the mirrors of the four upstream modules;
 - the harness (``vllm_compilation.harness``): toy model, engine-shaped driver, scenario, demo,
   bench; it drives vLLM from outside;
-- maintainer tools: the CLI and the export/refresh workflow.
+- maintainer tools: the CLI and the export/refresh workflow, and `tools/` (the GPU kit).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def test_runtime_modules_import_neither_harness_nor_tools() -> None:
         "vllm_compilation.harness",
         "vllm_compilation.tools.cli",
         "vllm_compilation.tools.workflow",
+        "tools",  # the GPU kit and other maintainer tools outside the package
     )
     for name in RUNTIME:
         imported = _imported_modules(PACKAGE / name)
@@ -72,3 +73,24 @@ def test_a_vllm_process_with_the_fork_never_loads_the_harness() -> None:
         "vllm_compilation.tools.cli" not in loaded
         and "vllm_compilation.tools.workflow" not in loaded
     )
+
+
+def test_the_wheel_lists_every_package_of_the_tree() -> None:
+    # setup.py names its packages; a subpackage left out works in an editable install and is
+    # missing from the wheel (the harness was, and then `vllm-compilation demo` failed)
+    import setuptools
+
+    captured: dict[str, object] = {}
+    original = setuptools.setup
+    setuptools.setup = lambda **kwargs: captured.update(kwargs)  # type: ignore[assignment]
+    try:
+        source = (REPO / "setup.py").read_text()
+        exec(compile(source, "setup.py", "exec"), {"__file__": str(REPO / "setup.py")})
+    finally:
+        setuptools.setup = original
+    in_tree = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in PACKAGE.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert in_tree <= set(captured["packages"])  # type: ignore[arg-type]

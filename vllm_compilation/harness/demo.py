@@ -70,6 +70,16 @@ def _terminate_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _cache_folder(given: str | None) -> Iterator[str]:
+    if given is not None:
+        os.makedirs(given, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as made:
+        yield made
+
+
 def run_side(
     fork: bool,
     scenario_args: list[str],
@@ -77,16 +87,20 @@ def run_side(
     quiet: bool = False,
     python: str | None = None,
     progress: Callable[[str], None] | None = None,
+    caches: str | None = None,
 ) -> dict[str, Any]:
     """Run the scenario in a fresh process with fresh caches; return its result.
 
     ``progress`` receives one line per phase of the run (profile run, warm-up, serving).
+    ``caches``: a folder for the Inductor and vLLM caches that outlives the run (a warm start
+    is a second run with the same folder); by default a temporary one, removed after.
     """
     label = "fork" if fork else "stock"
+    which = "fresh caches" if caches is None else f"the caches in {caches}"
     remove_stale_temp_dirs()
     with (
         _terminate_cleanly(),
-        tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as caches,
+        _cache_folder(caches) as caches,
     ):
         env = dict(os.environ)
         env.update(
@@ -96,7 +110,7 @@ def run_side(
         )
         started = time.perf_counter()
         if not quiet:
-            print(f"{label}: a new process with fresh caches", flush=True)
+            print(f"{label}: a new process with {which}", flush=True)
         stdout_path = Path(caches, "stdout")
         # vLLM logs to stdout, which goes to a file (a pipe left unread would fill up and
         # stop the process); the scenario's phase lines come on stderr, read as they come.

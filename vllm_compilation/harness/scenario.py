@@ -54,6 +54,14 @@ class ScenarioResult:
     vllm_compilation_time_s: float = 0.0  # vLLM's own compilation_config.compilation_time
     threads: int | None = None  # torch intra-op threads, when set
     config_current_at_forward: bool = False  # a vLLM config was current in some forward
+    # CUDA only: vLLM's memory_profiling around the profile run (the first forward)
+    profile_memory: dict[str, Any] | None = None
+    cudagraph_capture_sizes: list[int] = field(default_factory=list)
+    cudagraphs_captured: int = 0  # vLLM's num_cudagraph_captured over the whole run
+    cudagraphs_captured_serving: int = 0  # ... while serving: replays only, so 0
+    serving_cudagraph_modes: list[str] = field(default_factory=list)  # per serving forward
+    cudagraph_memory_bytes: int | None = None
+    kernels: dict[str, int] = field(default_factory=dict)  # Inductor modules with cpp / triton
 
     @property
     def median_later_s(self) -> float:
@@ -132,11 +140,13 @@ def run_scenario(
     hidden: int = 16,
     time_compiles: bool = False,
     threads: int | None = None,
+    cudagraph_capture_sizes: list[int] | None = None,
 ) -> ScenarioResult:
     import torch
 
     from vllm_compilation import loader
     from vllm_compilation.harness import toy_model
+    from vllm_compilation.harness.engine import generated_kernel_languages
 
     fork = loader.activate()
 
@@ -150,6 +160,7 @@ def run_scenario(
         max_num_batched_tokens=max_num_batched_tokens,
         splitting=splitting,
         device=device,
+        cudagraph_capture_sizes=cudagraph_capture_sizes,
     )
     driver = toy_model.load(config, hidden=hidden)
     if device.startswith("cuda"):
@@ -169,7 +180,8 @@ def run_scenario(
 
     driver.observers.append(check)
     _phase(f"profile run ({driver.max_num_tokens} tokens), the first forward")
-    driver.profile_run()
+    driver.determine_available_memory()
+    driver.initialize_kv_cache()
     _phase(f"warm-up forwards ({', '.join(map(str, driver.warmup_sizes()))} tokens, then more)")
     driver.compile_or_warm_up_model()
     startup = list(driver.records)
@@ -208,6 +220,13 @@ def run_scenario(
         vllm_compilation_time_s=float(config.compilation_config.compilation_time),
         threads=threads,
         config_current_at_forward=any(o.config_current for o in toy_model.forward_observations),
+        profile_memory=asdict(driver.profile_memory) if driver.profile_memory else None,
+        cudagraph_capture_sizes=driver.capture_sizes(),
+        cudagraphs_captured=sum(r.cudagraphs_captured for r in driver.records),
+        cudagraphs_captured_serving=sum(r.cudagraphs_captured for r in serving),
+        serving_cudagraph_modes=[r.cudagraph_mode for r in serving],
+        cudagraph_memory_bytes=driver.cudagraph_memory_bytes,
+        kernels=generated_kernel_languages(),
     )
 
 
@@ -230,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         "--time-compiles", action="store_true", help="time each CompilerManager.compile call"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--cudagraph-capture-sizes",
+        type=_int_list,
+        default=None,
+        help="piecewise CUDA graphs captured for these sizes (CUDA only)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = run_scenario(
@@ -242,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         hidden=args.hidden,
         time_compiles=args.time_compiles,
         threads=args.threads,
+        cudagraph_capture_sizes=args.cudagraph_capture_sizes,
     )
     if args.json:
         # the last line of stdout is the result (vLLM may log to stdout before it)

@@ -122,8 +122,16 @@ def make_vllm_config(
     splitting: bool = False,
     device: str = "cpu",
     inductor_compile_config: dict[str, Any] | None = None,
+    cudagraph_capture_sizes: Sequence[int] | None = None,
 ) -> Any:
-    """A ``VllmConfig`` in VLLM_COMPILE mode with the given ranges and single sizes."""
+    """A ``VllmConfig`` in VLLM_COMPILE mode with the given ranges and single sizes.
+
+    With ``cudagraph_capture_sizes``, piecewise CUDA graphs are on (vLLM 0.17's default
+    ``FULL_AND_PIECEWISE`` less the FULL graphs, which need attention): every piece is wrapped
+    in vLLM's ``CUDAGraphWrapper`` and a graph is captured per size. vLLM wants the attention
+    ops among the splitting ops for that; the toy has none, so they split nothing. vLLM turns
+    CUDA graphs off on a platform without them (the CPU); this raises instead.
+    """
     from vllm.config import (
         CompilationConfig,
         CompilationMode,
@@ -133,16 +141,24 @@ def make_vllm_config(
         VllmConfig,
     )
 
+    splitting_ops = [SPLIT_OP] if splitting else []
+    graphs: dict[str, Any] = {"cudagraph_mode": CUDAGraphMode.NONE}
+    if cudagraph_capture_sizes:
+        splitting_ops += CompilationConfig._attention_ops
+        graphs = {
+            "cudagraph_mode": CUDAGraphMode.PIECEWISE,
+            "cudagraph_capture_sizes": sorted(cudagraph_capture_sizes),
+        }
     compilation_config = CompilationConfig(
         mode=CompilationMode.VLLM_COMPILE,
         backend="inductor",
-        splitting_ops=[SPLIT_OP] if splitting else [],
+        splitting_ops=splitting_ops,
         compile_ranges_split_points=list(split_points),
         compile_sizes=list(compile_sizes),
-        cudagraph_mode=CUDAGraphMode.NONE,
         inductor_compile_config=dict(inductor_compile_config or {}),
+        **graphs,
     )
-    return VllmConfig(
+    config = VllmConfig(
         compilation_config=compilation_config,
         scheduler_config=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens,
@@ -152,6 +168,18 @@ def make_vllm_config(
         ),
         device_config=DeviceConfig(device=device),
     )
+    if cudagraph_capture_sizes and config.compilation_config.cudagraph_mode != (
+        CUDAGraphMode.PIECEWISE
+    ):
+        from vllm.platforms import current_platform
+
+        raise ValueError(
+            f"piecewise CUDA graphs were asked for and vLLM turned them "
+            f"{config.compilation_config.cudagraph_mode.name} on "
+            f"{type(current_platform).__name__} (device {device}): this platform has no "
+            "CUDA graphs"
+        )
+    return config
 
 
 def _toy_model_class() -> type[nn.Module]:
