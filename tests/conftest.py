@@ -64,3 +64,16 @@ def scenario_result(proc: subprocess.CompletedProcess[str]) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCENARIO_RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One visible line when vLLM's published tests were skipped (tests/upstream)."""
+    from tests.upstream.sources import NOT_RUN
+
+    reasons = set()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)  # (path, line, "Skipped: reason")
+        if isinstance(longrepr, (tuple, list)) and NOT_RUN in str(longrepr[-1]):
+            reasons.add(str(longrepr[-1]).split(NOT_RUN, 1)[1])
+    for reason in sorted(reasons):
+        terminalreporter.write_line(f"SKIPPED {NOT_RUN}{reason}", yellow=True, bold=True)
