@@ -39,7 +39,11 @@ class GroupRun:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def command(tree: Path, files: list[str], report: Path, basetemp: Path) -> list[str]:
+def command(
+    tree: Path, files: list[str], report: Path, basetemp: Path, version: str | None = None
+) -> list[str]:
+    """The inner pytest command; the tree's MANIFEST.json names its version, else `version`."""
+    extra = ["--upstream-version", version] if version else []
     return [
         sys.executable,
         "-m",
@@ -62,6 +66,7 @@ def command(tree: Path, files: list[str], report: Path, basetemp: Path) -> list[
         str(report),
         "-q",
         "-rA",
+        *extra,
         *files,
     ]
 
