@@ -77,3 +77,26 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             reasons.add(str(longrepr[-1]).split(NOT_RUN, 1)[1])
     for reason in sorted(reasons):
         terminalreporter.write_line(f"SKIPPED {NOT_RUN}{reason}", yellow=True, bold=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``-n``, the items of one upstream run (tests/upstream) go to one worker, so that
+    the run happens once; every other test is its own unit, largest units first.
+
+    pytest-xdist's own ``--dist=loadgroup`` silently stops grouping with pytest 9.2
+    (pytest-dev/pytest-xdist#1386), so the grouping reads our items' ids instead.
+    """
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # a distribution mode chosen on purpose
+    try:
+        from xdist.scheduler import LoadScopeScheduling
+    except ImportError:  # another xdist: each worker then runs the groups it needs itself
+        return None
+    from tests.upstream.runner import xdist_scope
+
+    class UpstreamRunsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid) or nodeid
+
+    return UpstreamRunsTogether(config, log)  # type: ignore[arg-type]

@@ -58,7 +58,8 @@ def upstream_tree() -> Callable[[str], Path]:
 def upstream_group(
     upstream_tree: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str, str], runner.GroupRun]:
-    """Runs a group of upstream tests once per process (xdist keeps a group on one worker)."""
+    """Runs a group of upstream tests once per process (tests/conftest.py keeps the items of
+    a group on one xdist worker)."""
 
     def get(mode: str, group: str) -> runner.GroupRun:
         if (mode, group) not in _runs:

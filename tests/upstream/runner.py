@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,17 @@ SHIM_DIR = Path(__file__).resolve().parent / "shim"
 TIMEOUT_S = 3600
 # Variables of the pytest run we are in that must not steer the inner one.
 _OUTER_PYTEST = ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_")
+
+
+# Our items are test_vllm_tests.py::test_...[<mode>/<group>...]: the items of one group need
+# the same upstream run, so under pytest-xdist they belong on one worker (tests/conftest.py).
+_ITEM = re.compile(r"^tests/upstream/test_vllm_tests\.py::test_\w+\[(fork|stock)/([^/\]]+)")
+
+
+def xdist_scope(nodeid: str) -> str | None:
+    """The upstream run an item of ours needs, as a scheduling unit; None for other items."""
+    match = _ITEM.match(nodeid)
+    return f"upstream:{match[1]}/{match[2]}" if match else None
 
 
 @dataclass

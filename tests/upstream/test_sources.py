@@ -122,7 +122,7 @@ def _run_upstream_without_sources(tmp_path: Path, policy: str) -> subprocess.Com
     )
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-         "tests/upstream/test_vllm_tests.py", "-k", "fork-0.18.0"],
+         "tests/upstream/test_vllm_tests.py", "-k", "fork/0.18.0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
