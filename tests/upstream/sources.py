@@ -110,8 +110,9 @@ def pip_locations() -> PipLocations:
         find_links=list(options.find_links or []),
         cert=options.cert or None,
         proxy=options.proxy or None,
-        timeout=float(options.timeout or 60),
-        retries=int(options.retries or 0),
+        # Bounded: a test run should not wait pip's 5 x 15 s (or more) per unreachable index.
+        timeout=min(float(options.timeout or 60), 60.0),
+        retries=min(int(options.retries or 0), 2),
     )
 
 
@@ -169,7 +170,7 @@ class _Net:
                 request = urllib.request.Request(url, headers=headers)
                 return self.opener.open(request, timeout=self.where.timeout)
             except urllib.error.HTTPError as e:
-                if e.code == 404 or e.code < 500:
+                if e.code < 500:  # only a server error is worth another try
                     raise
                 last = e
             except (urllib.error.URLError, OSError) as e:

@@ -274,8 +274,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
             report.outcome = "failed"
             del report.wasxfail
             report.longrepr = (
-                f"expected to fail because it {expected.reason}\n(the failure must match "
-                f"{expected.match!r}), but it failed with:\n{call.excinfo.exconly()}"
+                f"expected to fail ({expected.reason}) with a message matching "
+                f"{expected.match!r}, but it failed with:\n{call.excinfo.exconly()}"
             )
     return report
 
