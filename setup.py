@@ -57,6 +57,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
+            "pytest-mock",  # vLLM's own tests/compile (tests/upstream) use its `mocker`
             "hypothesis>=6",
             "tlparse",
             "ruff",

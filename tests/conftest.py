@@ -92,3 +92,41 @@ def scenario_result(proc: subprocess.CompletedProcess[str]) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCENARIO_RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One visible line when vLLM's published tests were skipped (tests/upstream)."""
+    from tests.upstream.sources import NOT_RUN
+
+    reasons = set()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)  # (path, line, "Skipped: reason")
+        if isinstance(longrepr, (tuple, list)) and NOT_RUN in str(longrepr[-1]):
+            reasons.add(str(longrepr[-1]).split(NOT_RUN, 1)[1])
+    for reason in sorted(reasons):
+        terminalreporter.write_line(f"SKIPPED {NOT_RUN}{reason}", yellow=True, bold=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``-n``, the items of one upstream run (tests/upstream) go to one worker, so that
+    the run happens once; every other test is its own unit, largest units first.
+
+    pytest-xdist's own ``--dist=loadgroup`` silently stops grouping with pytest 9.2
+    (pytest-dev/pytest-xdist#1386), so the grouping reads our items' ids instead.
+    """
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # a distribution mode chosen on purpose
+    try:
+        from xdist.scheduler import LoadScopeScheduling
+    except ImportError:  # another xdist: each worker then runs the groups it needs itself
+        return None
+    from tests.upstream.runner import xdist_scope
+
+    class UpstreamRunsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if "@" in nodeid:  # an xdist_group, where --dist loadgroup named it in the id
+                return nodeid.rsplit("@", 1)[-1]
+            return xdist_scope(nodeid) or nodeid
+
+    return UpstreamRunsTogether(config, log)  # type: ignore[arg-type]
