@@ -67,7 +67,7 @@ def run_python(
     args: list[str],
     *,
     env: dict[str, str] | None = None,
-    timeout: int = 600,
+    timeout: int = 300,
     cwd: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python ARGS`` in a fresh process with this test's caches and extra ``env``.

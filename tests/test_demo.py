@@ -2,6 +2,8 @@
 
 Each runs stock vLLM and the fork in separate processes with fresh caches. Only facts that do
 not depend on timing are checked: timings are the benchmark's business, not the tests'.
+They take minutes each on 2 cores, so they are marked ``e2e`` and run apart from the default
+suite (``python -m pytest -n 2 -m e2e``; CI runs both).
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import run_python
+
+pytestmark = pytest.mark.e2e
+# a demo is two scenario processes, a bench a dozen: more than one process's time limit
+E2E_TIMEOUT = 1200
 
 SCENARIO_FIELDS = {
     "fork_active",
@@ -39,7 +47,7 @@ SCENARIO_FIELDS = {
 
 
 def _cli_json(args: list[str]) -> dict[str, Any]:
-    proc = run_python(["-m", "vllm_compilation.tools.cli", *args, "--json"])
+    proc = run_python(["-m", "vllm_compilation.tools.cli", *args, "--json"], timeout=E2E_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -79,7 +87,8 @@ def test_demo_json_fork_compiles_only_in_first_forward() -> None:
 def test_demo_text_states_the_scenario_and_what_it_shows() -> None:
     proc = run_python(
         ["-m", "vllm_compilation.tools.cli", "demo", "--sizes", "5", "--split-points", "8"]
-        + ["--compile-sizes", "4", "--max-tokens", "16"]
+        + ["--compile-sizes", "4", "--max-tokens", "16"],
+        timeout=E2E_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
