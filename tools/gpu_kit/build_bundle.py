@@ -56,6 +56,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tools.gpu_kit import placeholders
+from tools.gpu_kit.run_kit import sha256_of  # the check run_kit makes there
 
 KIT = Path(__file__).resolve().parent
 REPO = KIT.parent.parent
@@ -82,14 +83,6 @@ SIMULATED_BASE = ["torch", "triton"]
 
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def log(text: str) -> None:
