@@ -71,29 +71,35 @@ def _terminate_cleanly() -> Iterator[None]:
 
 
 def run_side(
-    fork: bool,
+    fork: bool | None,
     scenario_args: list[str],
     *,
     quiet: bool = False,
     python: str | None = None,
     progress: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the scenario in a fresh process with fresh caches; return its result.
 
-    ``progress`` receives one line per phase of the run (profile run, warm-up, serving).
+    ``fork`` sets ``VLLM_COMPILATION_FORK`` (and the run must report the fork in that state);
+    ``None`` leaves it to the interpreter (another vLLM's, say) and checks nothing. ``env``
+    adds variables. ``progress`` receives one line per phase of the run (profile run, warm-up,
+    serving).
     """
-    label = "fork" if fork else "stock"
+    label = "baseline" if fork is None else "fork" if fork else "stock"
     remove_stale_temp_dirs()
     with (
         _terminate_cleanly(),
         tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as caches,
     ):
-        env = dict(os.environ)
-        env.update(
+        run_env = dict(os.environ)
+        run_env.update(env or {})
+        run_env.update(
             TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
             VLLM_CACHE_ROOT=os.path.join(caches, "vllm"),
-            VLLM_COMPILATION_FORK="1" if fork else "0",
         )
+        if fork is not None:
+            run_env["VLLM_COMPILATION_FORK"] = "1" if fork else "0"
         started = time.perf_counter()
         if not quiet:
             print(f"{label}: a new process with fresh caches", flush=True)
@@ -105,7 +111,7 @@ def run_side(
             subprocess.Popen(
                 [python or sys.executable, "-m", "vllm_compilation.harness.scenario", "--json"]
                 + scenario_args,
-                env=env,
+                env=run_env,
                 stdout=stdout_file,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -135,7 +141,7 @@ def run_side(
             f"the {label} run failed (exit {proc.returncode}):\n{''.join(stderr)[-4000:]}"
         )
     result: dict[str, Any] = json.loads(lines[-1].split(" ", 1)[1])
-    if python is None and result["fork_active"] != fork:
+    if fork is not None and result["fork_active"] != fork:
         raise RuntimeError(
             f"the {label} run had the fork {'on' if result['fork_active'] else 'off'}"
         )
