@@ -9,6 +9,7 @@ suite (``python -m pytest -n 2 -m e2e``; CI runs both).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,13 @@ SCENARIO_FIELDS = {
     "max_abs_error",
     "peak_memory_bytes",
     "config_current_at_forward",
+    "vllm_version",
+    "fork_reason",
+    "peak_tree_pss_bytes",
+    "first_forward_cpu_s",
+    "run_cpu_s",
+    "outputs_sha256",
+    "counters",
 }
 
 
@@ -100,52 +108,98 @@ def test_demo_text_states_the_scenario_and_what_it_shows() -> None:
     assert out.rstrip().splitlines()[-1].startswith("What it shows: stock compiled 2 time(s)")
 
 
-def test_bench_json_pairs_ratios_targets_and_plot(tmp_path: Path) -> None:
+def test_bench_json_groups_ratios_targets_and_plot(tmp_path: Path) -> None:
+    # every side: stock, fork, the fork with 2 compile processes, and a baseline interpreter
+    # (this one: the baseline reports what it ran, here vLLM 0.17.1 with the fork on)
     plot = tmp_path / "latency.png"
     report = _cli_json(
         ["bench", "--repeats", "1", "--split-points", "8", "--compile-sizes", "4"]
         + ["--max-tokens", "32", "--memory-repeats", "1", "--memory-hidden", "256"]
         + ["--memory-split-points", "8", "--memory-compile-sizes", "4"]
-        + ["--memory-max-tokens", "16", "--plot", str(plot)]
+        + ["--memory-max-tokens", "16", "--upstream-repeats", "0", "--plot", str(plot)]
+        + ["--parallel", "2", "--baseline-python", sys.executable]
     )
-    assert set(report["workloads"]) == {"sweep", "memory"}
+    assert set(report["workloads"]) == {"upstream", "sweep", "memory"}
+    assert report["workloads"]["upstream"]["groups"] == []
     assert report["threads"] == 1
+    assert report["sides"] == ["stock", "fork", "concurrent", "baseline"]
+    assert report["parallel"] == 2 and report["baseline_python"] == sys.executable
+    assert len(report["load_average"]) == 2
 
     sweep = report["workloads"]["sweep"]
     assert sweep["ranges"] == [[1, 8], [9, 32]]
     assert sorted(sweep["sweep_sizes"]) == [4, 5, 20]  # a size in each range, each compile size
-    (pair,) = sweep["pairs"]
-    assert pair["order"] == ["stock", "fork"]
-    stock, fork = pair["stock"]["metrics"], pair["fork"]["metrics"]
-    assert pair["stock"]["result"]["sizes"] == sweep["sweep_sizes"] * 2  # two passes
+    (group,) = sweep["groups"]
+    assert group["order"] == ["stock", "fork", "concurrent", "baseline"]
+    runs = group["runs"]
+    stock, fork = runs["stock"]["metrics"], runs["fork"]["metrics"]
+    concurrent, baseline = runs["concurrent"]["metrics"], runs["baseline"]["metrics"]
+    assert runs["stock"]["result"]["sizes"] == sweep["sweep_sizes"] * 2  # two passes
     assert stock["compiles_total"] == fork["compiles_total"] == 6  # the same entries
     # stock: [9,32] in the profile run, size 4 in the warm-up, [1,8] while serving (size 5)
     assert (stock["compiles_first_forward"], stock["compiles_warmup"]) == (2, 2)
     assert stock["compiles_serving"] == 2 and stock["compiles_after_first_forward"] == 4
-    assert fork["compiles_first_forward"] == 6 and fork["compiles_after_first_forward"] == 0
+    for side in (fork, concurrent, baseline):
+        assert side["compiles_first_forward"] == 6 and side["compiles_after_first_forward"] == 0
     assert fork["compile_time_s"] > 0 and stock["compile_time_s"] > 0
     assert fork["backend_compile_s"] > 0 and stock["backend_compile_s"] > 0
-    assert pair["ratios"]["compile_time_s"] == fork["compile_time_s"] / stock["compile_time_s"]
-    assert pair["ratios"]["compile_per_entry"] > 0
-    for side in ("stock", "fork"):
-        result = pair[side]["result"]
-        assert len(result["backend_compiles"]) == result["compiles_total"]  # one per compile
+    assert fork["first_forward_cpu_s"] > 0 and concurrent["first_forward_cpu_s"] > 0
+    ratios = group["ratios"]
+    assert set(ratios) == {
+        "fork/stock",
+        "concurrent/stock",
+        "baseline/stock",
+        "concurrent/fork",
+        "fork/baseline",
+        "concurrent/baseline",
+    }
+    assert ratios["fork/stock"]["compile_time_s"] == (
+        fork["compile_time_s"] / stock["compile_time_s"]
+    )
+    assert ratios["concurrent/fork"]["first_forward_s"] == (
+        concurrent["first_forward_s"] / fork["first_forward_s"]
+    )
+    assert ratios["fork/stock"]["compile_per_entry"] > 0
+    for name in ("stock", "fork", "concurrent", "baseline"):
+        result = runs[name]["result"]
+        assert result["vllm_version"] == "0.17.1"
+        assert result["fork_active"] is (name != "stock")
         assert result["threads"] == 1
-    assert set(sweep["summary"]) == {"stock", "fork", "ratios"}
-    assert len(sweep["summary"]["fork"]["per_forward_median_s"]) == 6
+    for name in ("stock", "fork"):
+        result = runs[name]["result"]
+        assert len(result["backend_compiles"]) == result["compiles_total"]  # one per compile
+    # the same compiles give the same outputs, serial or concurrent; the counters agree
+    assert (
+        runs["concurrent"]["result"]["outputs_sha256"] == runs["fork"]["result"]["outputs_sha256"]
+    )
+    assert runs["concurrent"]["result"]["counters"] == runs["fork"]["result"]["counters"]
+    labels = {n: s["label"] for n, s in sweep["summary"]["sides"].items()}
+    assert labels == {
+        "stock": "stock 0.17.1",
+        "fork": "fork serial",
+        "concurrent": "fork par=2",
+        "baseline": "vLLM 0.17.1 +fork",
+    }
+    assert len(sweep["summary"]["sides"]["fork"]["per_forward_median_s"]) == 6
 
     memory = report["workloads"]["memory"]
-    (pair,) = memory["pairs"]
+    (group,) = memory["groups"]
+    assert group["order"] == ["stock", "fork", "concurrent", "baseline"]
     assert memory["config"]["hidden"] == 256 and memory["config"]["passes"] == 1
-    assert pair["fork"]["metrics"]["compile_time_s"] is None  # one pass: no steady state
-    assert pair["fork"]["metrics"]["compiles_after_first_forward"] == 0
+    assert group["runs"]["fork"]["metrics"]["compile_time_s"] is None  # one pass
+    assert group["runs"]["concurrent"]["metrics"]["compiles_after_first_forward"] == 0
+    assert group["runs"]["concurrent"]["metrics"]["peak_tree_pss_bytes"] > 0
 
     targets = {t["name"]: t for t in report["targets"]}
     assert set(targets) == {
         "fork_no_compiles_after_first_forward",
+        "fork_first_forward_within_0.8x_baseline[sweep]",
+        "concurrent_first_forward_within_0.8x_baseline[sweep]",
+        "concurrent_compile_cpu_within_1.1x_serial[sweep]",
         "fork_slowest_later_forward_within_2x_median",
         "fork_compile_time_within_1.05x_stock",
         "fork_peak_memory_within_1.05x_stock",
+        "concurrent_peak_memory_within_1.05x_stock",
     }
     assert targets["fork_no_compiles_after_first_forward"]["met"] is True
     assert all(isinstance(t["met"], bool) for t in targets.values())

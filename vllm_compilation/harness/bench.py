@@ -1,10 +1,22 @@
-"""``vllm-compilation bench``: stock vLLM against the fork, measured with repetitions.
+"""``vllm-compilation bench``: stock vLLM, the fork and other sides, measured with repetitions.
 
-Two workloads, each run as stock/fork pairs, every run in its own process with fresh caches
-(``vllm_compilation.harness.demo.run_side``); the order inside a pair alternates (stock first,
-then fork first, ...) so that drift on a shared machine falls on both sides alike. Every run
-starts the model as vLLM's engine does (profile forward, warm-up forwards) and then serves:
+Every run is its own process with fresh caches (``vllm_compilation.harness.demo.run_side``).
+The sides:
 
+- ``stock``: this install with the fork off (``VLLM_COMPILATION_FORK=0``);
+- ``fork``: the fork, compiling the range entries serially (the default);
+- ``concurrent`` (``--parallel N``): the fork with ``VLLM_COMPILATION_PARALLEL=N``;
+- ``baseline`` (``--baseline-python PY``): the same scenario run by another interpreter, say a
+  virtual environment with vLLM 0.18.0 (the release that compiles eagerly itself) and this
+  package importable; the scenario reports which vLLM ran and whether the fork was on.
+
+A group runs every side once, in an order that flips from one group to the next (stock, fork,
+... then ..., fork, stock), so that drift on a shared machine falls on every side alike.
+Every run starts the model as vLLM's engine does (profile forward, warm-up forwards) and then
+serves. Three workloads:
+
+- ``upstream``: the upstream scenario (ranges split at 8 and 32 up to 8192 tokens, compile
+  sizes 16, 64 and 128, the serving forwards of upstream's test).
 - ``sweep``: the toy model with many compile ranges and compile sizes, and serving forwards
   that hit every range and every compile size, twice. Stock vLLM compiles each entry in the
   first forward that hits it (the engine's warm-up hits some), so both sides compile the same
@@ -14,7 +26,8 @@ starts the model as vLLM's engine does (profile forward, warm-up forwards) and t
   and three compile sizes, one pass. A fork that made real inputs (weights included) for each
   compile size would show in the peak memory.
 
-Ratios fork/stock are taken pair by pair; the summary quotes their median.
+Ratios (``fork/stock``, ``concurrent/fork``, ``concurrent/baseline``, ...) are taken group by
+group; the summary quotes their median.
 """
 
 from __future__ import annotations
@@ -25,26 +38,77 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_compilation.harness.demo import default_device, run_side
 
-COMPILE_TIME_LIMIT = 1.05  # fork/stock total compile time
-PEAK_MEMORY_LIMIT = 1.05  # fork/stock peak memory
-SLOWEST_OVER_MEDIAN_LIMIT = 2.0  # fork: slowest later forward / median later forward
+PARALLEL_ENV = "VLLM_COMPILATION_PARALLEL"
 
-# metrics where fork/stock is reported pair by pair
+COMPILE_TIME_LIMIT = 1.05  # fork/stock total compile time
+PEAK_MEMORY_LIMIT = 1.05  # fork/stock (and concurrent/stock) peak memory
+SLOWEST_OVER_MEDIAN_LIMIT = 2.0  # fork: slowest later forward / median later forward
+FIRST_FORWARD_LIMIT = 0.8  # fork (serial or concurrent) / baseline cold first forward
+COMPILE_CPU_LIMIT = 1.1  # concurrent / serial CPU time of compilation (the first forward)
+
+# metrics compared side by side, group by group
 RATIO_METRICS = (
     "compile_time_s",
     "backend_compile_s",
     "vllm_compilation_time_s",
     "first_forward_s",
+    "first_forward_cpu_s",
     "startup_s",
     "median_later_forward_s",
     "slowest_later_forward_s",
     "peak_memory_bytes",
+    "peak_tree_pss_bytes",
 )
+
+
+@dataclass(frozen=True)
+class Side:
+    """One way of running the scenario."""
+
+    name: str  # "stock", "fork", "concurrent" or "baseline"
+    fork: bool | None  # VLLM_COMPILATION_FORK forced on or off; None: the interpreter's own
+    env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None  # another interpreter; None: this one
+
+
+def make_sides(parallel: int = 0, baseline_python: str | None = None) -> list[Side]:
+    """stock and fork, then the concurrent fork (``parallel`` > 1), then the baseline."""
+    serial = {PARALLEL_ENV: "1"}
+    sides = [Side("stock", False, serial), Side("fork", True, serial)]
+    if parallel > 1:
+        sides.append(Side("concurrent", True, {PARALLEL_ENV: str(parallel)}))
+    if baseline_python:
+        sides.append(Side("baseline", None, serial, baseline_python))
+    return sides
+
+
+def comparisons(names: Sequence[str]) -> list[str]:
+    """The ratios reported, as ``"a/b"``: every side against stock, the concurrent fork
+    against the serial one, and both against the baseline."""
+    out = [f"{n}/stock" for n in names if n != "stock"]
+    if "concurrent" in names:
+        out.append("concurrent/fork")
+    if "baseline" in names:
+        out += [f"{n}/baseline" for n in ("fork", "concurrent") if n in names]
+    return out
+
+
+def side_label(name: str, result: dict[str, Any] | None, parallel: int = 0) -> str:
+    """A column heading: what ran, from the run's own report where it matters."""
+    version = (result or {}).get("vllm_version", "?")
+    if name == "stock":
+        return f"stock {version}"
+    if name == "fork":
+        return "fork serial"
+    if name == "concurrent":
+        return f"fork par={parallel}"
+    fork_on = bool((result or {}).get("fork_active"))
+    return f"vLLM {version}" + (" +fork" if fork_on else "")
 
 
 @dataclass(frozen=True)
@@ -54,8 +118,9 @@ class Workload:
     split_points: list[int]
     compile_sizes: list[int]
     max_tokens: int
-    repeats: int  # stock/fork pairs
+    repeats: int  # groups (one run of every side each)
     passes: int  # passes over the sweep; with 2 or more, the last is the steady state
+    sizes: list[int] | None = None  # the serving forwards of one pass; None: the sweep's
 
     def ranges(self) -> list[tuple[int, int]]:
         """The compile ranges vLLM makes of the split points and max_num_batched_tokens."""
@@ -68,10 +133,13 @@ class Workload:
         return ranges
 
     def sweep_sizes(self) -> list[int]:
-        """One pass: a size inside each range that is no compile size, and every compile size.
+        """One pass: the given sizes, or else a size inside each range that is no compile
+        size, and every compile size.
 
         Shuffled with a fixed seed, so that stock's compiles are spread over the pass.
         """
+        if self.sizes is not None:
+            return list(self.sizes)
         sizes = set(self.compile_sizes)
         for start, end in self.ranges():
             inside = [n for n in range((start + end) // 2, end + 1) if n not in sizes]
@@ -92,6 +160,11 @@ class Workload:
         if bad:
             raise ValueError(
                 f"{self.name}: compile sizes {bad} are outside 1..{self.max_tokens} (max tokens)"
+            )
+        bad = [s for s in self.sizes or [] if not 1 <= s <= self.max_tokens]
+        if bad:
+            raise ValueError(
+                f"{self.name}: forward sizes {bad} are outside 1..{self.max_tokens} (max tokens)"
             )
 
     def scenario_args(self, device: str, threads: int, splitting: bool) -> list[str]:
@@ -119,10 +192,14 @@ class Workload:
     def describe(self) -> str:
         ranges = " ".join(f"[{a},{b}]" for a, b in self.ranges())
         sizes = ",".join(map(str, self.compile_sizes)) or "none"
-        return (
-            f"{self.name}: hidden {self.hidden}, ranges {ranges}, compile sizes {sizes}; "
-            f"{self.passes} pass{'es' if self.passes > 1 else ''} of "
+        forwards = (
+            f"forwards {','.join(map(str, self.sizes))}"
+            if self.sizes is not None
+            else f"{self.passes} pass{'es' if self.passes > 1 else ''} of "
             f"{len(self.sweep_sizes())} forwards"
+        )
+        return (
+            f"{self.name}: hidden {self.hidden}, ranges {ranges}, compile sizes {sizes}; {forwards}"
         )
 
 
@@ -150,11 +227,13 @@ def run_metrics(result: dict[str, Any], passes: int) -> dict[str, Any]:
         "backend_compile_s": sum(result["backend_compile_s_per_forward"]),
         "vllm_compilation_time_s": result["vllm_compilation_time_s"],
         "first_forward_s": result["first_forward_s"],
+        "first_forward_cpu_s": result.get("first_forward_cpu_s"),
         "startup_s": result["startup_s"],
         "median_later_forward_s": median_later,
         "slowest_later_forward_s": slowest,
         "slowest_over_median": slowest / median_later if median_later else None,
         "peak_memory_bytes": result["peak_memory_bytes"],
+        "peak_tree_pss_bytes": result.get("peak_tree_pss_bytes"),
         "max_abs_error": result["max_abs_error"],
     }
 
@@ -174,8 +253,8 @@ def per_forward_medians(results: Sequence[dict[str, Any]]) -> list[float]:
     return [statistics.median(calls) for calls in zip(*runs, strict=True)]
 
 
-def entry_compile_ratio(stock: dict[str, Any], fork: dict[str, Any]) -> float | None:
-    """Median over range entries (piece, range) of fork/stock time in CompilerManager.compile.
+def entry_compile_ratio(base: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """Median over range entries (piece, range) of other/base time in CompilerManager.compile.
 
     The first compile of a process also warms Inductor up, and it is a different entry on
     each side; the median over entries is the typical cost of one compile, without that.
@@ -188,19 +267,19 @@ def entry_compile_ratio(stock: dict[str, Any], fork: dict[str, Any]) -> float | 
             entries[key] = entries.get(key, 0.0) + call["s"]
         return entries
 
-    stock_entries, fork_entries = by_entry(stock), by_entry(fork)
+    base_entries, other_entries = by_entry(base), by_entry(other)
     ratios = [
-        fork_entries[key] / stock_entries[key]
-        for key in stock_entries.keys() & fork_entries.keys()
-        if stock_entries[key] > 0
+        other_entries[key] / base_entries[key]
+        for key in base_entries.keys() & other_entries.keys()
+        if base_entries[key] > 0
     ]
     return statistics.median(ratios) if ratios else None
 
 
-def _ratio(fork: float | None, stock: float | None) -> float | None:
-    if fork is None or stock is None or stock == 0:
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
         return None
-    return fork / stock
+    return value / base
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -208,69 +287,93 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def group_ratios(group: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Every comparison's ratios in one group: ``{"fork/stock": {metric: ratio}}``."""
+    runs = group["runs"]
+    ratios: dict[str, dict[str, float | None]] = {}
+    for name in comparisons(group["order_of_sides"]):
+        a, b = name.split("/")
+        ratios[name] = {
+            key: _ratio(runs[a]["metrics"][key], runs[b]["metrics"][key]) for key in RATIO_METRICS
+        }
+        ratios[name]["compile_per_entry"] = entry_compile_ratio(
+            runs[b]["result"], runs[a]["result"]
+        )
+    return ratios
+
+
 def run_workload(
     workload: Workload,
     *,
+    sides: Sequence[Side],
     device: str,
     threads: int,
     splitting: bool,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Run ``workload.repeats`` stock/fork pairs and summarise them."""
+    """Run ``workload.repeats`` groups, one run of every side each, and summarise them."""
     args = workload.scenario_args(device, threads, splitting)
-    pairs: list[dict[str, Any]] = []
+    names = [side.name for side in sides]
+    groups: list[dict[str, Any]] = []
     for index in range(workload.repeats):
-        order = ["stock", "fork"] if index % 2 == 0 else ["fork", "stock"]
-        pair: dict[str, Any] = {"order": order}
+        order = list(sides) if index % 2 == 0 else list(reversed(sides))
+        group: dict[str, Any] = {"order": [s.name for s in order], "order_of_sides": names}
+        runs: dict[str, Any] = {}
         for side in order:
             started = time.perf_counter()
-            result = run_side(side == "fork", args, quiet=True)
+            result = run_side(side.fork, args, quiet=True, python=side.python, env=side.env)
             progress(
-                f"{workload.name} pair {index + 1}/{workload.repeats}: {side:<5} "
+                f"{workload.name} group {index + 1}/{workload.repeats}: {side.name:<10} "
                 f"{time.perf_counter() - started:.0f} s"
             )
-            pair[side] = {"result": result, "metrics": run_metrics(result, workload.passes)}
-        pair["ratios"] = {
-            key: _ratio(pair["fork"]["metrics"][key], pair["stock"]["metrics"][key])
-            for key in RATIO_METRICS
-        }
-        pair["ratios"]["compile_per_entry"] = entry_compile_ratio(
-            pair["stock"]["result"], pair["fork"]["result"]
-        )
-        pairs.append(pair)
-    summary: dict[str, Any] = {}
-    for side in ("stock", "fork"):
-        metrics = [p[side]["metrics"] for p in pairs]
-        summary[side] = {
-            key: _median([m[key] for m in metrics]) for key in (metrics[0] if metrics else {})
-        }
-        summary[side]["worst_slowest_over_median"] = max(
+            runs[side.name] = {"result": result, "metrics": run_metrics(result, workload.passes)}
+        group["runs"] = runs
+        group["ratios"] = group_ratios(group)
+        groups.append(group)
+    summary: dict[str, Any] = {"sides": {}, "ratios": {}}
+    for name in names if groups else []:
+        metrics = [g["runs"][name]["metrics"] for g in groups]
+        side_summary = {key: _median([m[key] for m in metrics]) for key in metrics[0]}
+        side_summary["worst_slowest_over_median"] = max(
             (m["slowest_over_median"] for m in metrics if m["slowest_over_median"] is not None),
             default=None,
         )
-        later = per_forward_medians([p[side]["result"] for p in pairs])
-        summary[side]["per_forward_median_s"] = later
-        summary[side]["slowest_over_median_of_medians"] = (
+        later = per_forward_medians([g["runs"][name]["result"] for g in groups])
+        side_summary["per_forward_median_s"] = later
+        side_summary["slowest_over_median_of_medians"] = (
             max(later) / statistics.median(later) if later and statistics.median(later) else None
         )
         if later:
             index = later.index(max(later)) + 1  # 1-based, among the serving forwards
-            summary[side]["slowest_later_forward"] = {
+            side_summary["slowest_later_forward"] = {
                 "index": index,
                 "size": workload.forwards()[index - 1],
                 "median_s": max(later),
             }
-    summary["ratios"] = {
-        key: _median([p["ratios"][key] for p in pairs])
-        for key in (*RATIO_METRICS, "compile_per_entry")
-    }
+        side_summary["label"] = side_label(
+            name, groups[0]["runs"][name]["result"], _parallel_of(sides)
+        )
+        summary["sides"][name] = side_summary
+    for name in comparisons(names) if groups else []:
+        summary["ratios"][name] = {
+            key: _median([g["ratios"][name][key] for g in groups])
+            for key in (*RATIO_METRICS, "compile_per_entry")
+        }
     return {
         "config": asdict(workload),
         "ranges": workload.ranges(),
         "sweep_sizes": workload.sweep_sizes(),
-        "pairs": pairs,
+        "sides": names,
+        "groups": groups,
         "summary": summary,
     }
+
+
+def _parallel_of(sides: Sequence[Side]) -> int:
+    for side in sides:
+        if side.name == "concurrent":
+            return int(side.env[PARALLEL_ENV])
+    return 0
 
 
 def _target(
@@ -279,10 +382,17 @@ def _target(
     return {"name": name, "value": value, "limit": limit, "met": met, "note": note}
 
 
+def _per_group(data: dict[str, Any], comparison: str, key: str) -> str:
+    return " ".join(_fmt_ratio(g["ratios"][comparison][key]) for g in data["groups"])
+
+
 def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, from the medians (and every run where a target is about all)."""
+    """The targets, from the medians of the groups (and every run where a target is about
+    all of them)."""
     targets: list[dict[str, Any]] = []
-    runs = [p["fork"]["metrics"] for w in workloads.values() for p in w["pairs"]]
+    present = {n for w in workloads.values() if w["groups"] for n in w["sides"]}
+    forks = [n for n in ("fork", "concurrent") if n in present]
+    runs = [g["runs"][n]["metrics"] for w in workloads.values() for g in w["groups"] for n in forks]
     if runs:
         after = sum(m["compiles_after_first_forward"] for m in runs)
         targets.append(
@@ -292,12 +402,47 @@ def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any
                 0,
                 after == 0,
                 "compilations after the first forward (warm-up and serving), summed over all "
-                f"{len(runs)} fork runs",
+                f"{len(runs)} runs of the fork ({', '.join(forks)})",
+            )
+        )
+    for workload in ("upstream", "sweep"):
+        data = workloads.get(workload)
+        if not data or not data["groups"] or "baseline" not in data["sides"]:
+            continue
+        baseline = data["summary"]["sides"]["baseline"]["label"]
+        for side in forks:
+            comparison = f"{side}/baseline"
+            value = data["summary"]["ratios"][comparison]["first_forward_s"]
+            targets.append(
+                _target(
+                    f"{side}_first_forward_within_{FIRST_FORWARD_LIMIT}x_baseline[{workload}]",
+                    value,
+                    FIRST_FORWARD_LIMIT,
+                    value is not None and value <= FIRST_FORWARD_LIMIT,
+                    f"{data['summary']['sides'][side]['label']} / {baseline} cold first forward "
+                    f"on the {workload} workload, median of the groups: "
+                    f"{_per_group(data, comparison, 'first_forward_s')}",
+                )
+            )
+    for workload in ("upstream", "sweep"):
+        data = workloads.get(workload)
+        if not data or not data["groups"] or "concurrent" not in data["sides"]:
+            continue
+        value = data["summary"]["ratios"]["concurrent/fork"]["first_forward_cpu_s"]
+        targets.append(
+            _target(
+                f"concurrent_compile_cpu_within_{COMPILE_CPU_LIMIT}x_serial[{workload}]",
+                value,
+                COMPILE_CPU_LIMIT,
+                value is not None and value <= COMPILE_CPU_LIMIT,
+                "CPU time (user + system, the process and its workers, compilers and checks) "
+                f"of the first forward, which holds every compile, concurrent / serial, median "
+                f"of the groups: {_per_group(data, 'concurrent/fork', 'first_forward_cpu_s')}",
             )
         )
     sweep = workloads.get("sweep")
-    if sweep and sweep["pairs"]:
-        fork = sweep["summary"]["fork"]
+    if sweep and sweep["groups"] and "fork" in sweep["sides"]:
+        fork = sweep["summary"]["sides"]["fork"]
         value = fork["slowest_over_median_of_medians"]
         slowest = fork.get("slowest_later_forward") or {"index": None, "size": None}
         targets.append(
@@ -314,10 +459,11 @@ def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any
             )
         )
         same = all(
-            p["stock"]["metrics"]["compiles_total"] == p["fork"]["metrics"]["compiles_total"]
-            for p in sweep["pairs"]
+            g["runs"]["stock"]["metrics"]["compiles_total"]
+            == g["runs"]["fork"]["metrics"]["compiles_total"]
+            for g in sweep["groups"]
         )
-        value = sweep["summary"]["ratios"]["compile_time_s"]
+        value = sweep["summary"]["ratios"]["fork/stock"]["compile_time_s"]
         targets.append(
             _target(
                 "fork_compile_time_within_1.05x_stock",
@@ -325,29 +471,34 @@ def evaluate_targets(workloads: dict[str, dict[str, Any]]) -> list[dict[str, Any
                 COMPILE_TIME_LIMIT,
                 same and value is not None and value <= COMPILE_TIME_LIMIT,
                 "fork/stock compile time (start-up and first pass minus their steady state), "
-                "median of the pairs; "
+                f"median of the groups: {_per_group(sweep, 'fork/stock', 'compile_time_s')}; "
                 + (
-                    "both sides compiled the same number of entries in every pair"
+                    "both sides compiled the same number of entries in every group"
                     if same
                     else "the sides compiled DIFFERENT numbers of entries"
                 ),
             )
         )
     memory = workloads.get("memory")
-    if memory and memory["pairs"]:
-        value = memory["summary"]["ratios"]["peak_memory_bytes"]
+    if memory and memory["groups"]:
         hidden = memory["config"]["hidden"]
         sizes = len(memory["config"]["compile_sizes"])
-        targets.append(
-            _target(
-                "fork_peak_memory_within_1.05x_stock",
-                value,
-                PEAK_MEMORY_LIMIT,
-                value is not None and value <= PEAK_MEMORY_LIMIT,
-                f"fork/stock peak memory, hidden {hidden}, {sizes} compile sizes, "
-                "median of the pairs",
+        for side in forks:
+            comparison = f"{side}/stock"
+            value = memory["summary"]["ratios"][comparison]["peak_tree_pss_bytes"]
+            rss = memory["summary"]["ratios"][comparison]["peak_memory_bytes"]
+            targets.append(
+                _target(
+                    f"{side}_peak_memory_within_{PEAK_MEMORY_LIMIT}x_stock",
+                    value,
+                    PEAK_MEMORY_LIMIT,
+                    value is not None and value <= PEAK_MEMORY_LIMIT,
+                    f"{side}/stock peak PSS of the process and all its descendants (workers, "
+                    f"compilers, checks), hidden {hidden}, {sizes} compile sizes, median of "
+                    f"the groups: {_per_group(memory, comparison, 'peak_tree_pss_bytes')}; "
+                    f"the main process's peak RSS alone: {_fmt_ratio(rss)}",
+                )
             )
-        )
     return targets
 
 
@@ -378,36 +529,49 @@ ROWS: list[tuple[str, str, Callable[[float | None], str]]] = [
     ("  the same, per entry (median of ratios)", "compile_per_entry", _fmt_ratio),
     ("vLLM's compilation_time", "vllm_compilation_time_s", _fmt_seconds),
     ("first forward (profile run)", "first_forward_s", _fmt_seconds),
+    ("  CPU time in it (with children)", "first_forward_cpu_s", _fmt_seconds),
     ("start-up forwards (profile run + warm-up)", "startup_s", _fmt_seconds),
     ("median serving forward", "median_later_forward_s", _fmt_seconds),
     ("slowest serving forward", "slowest_later_forward_s", _fmt_seconds),
     ("slowest / median serving forward, per run", "slowest_over_median", _fmt_ratio),
     ("  the same, per-forward medians", "slowest_over_median_of_medians", _fmt_ratio),
-    ("peak memory", "peak_memory_bytes", _fmt_mib),
+    ("peak RSS of the process", "peak_memory_bytes", _fmt_mib),
+    ("peak PSS of the process tree", "peak_tree_pss_bytes", _fmt_mib),
 ]
 
 
 def format_workload(data: dict[str, Any]) -> str:
-    """One workload's table: medians per side, the median fork/stock ratio, each pair's."""
+    """One workload's tables: each side's medians, then each ratio's median over the groups."""
     workload = Workload(**data["config"])
     summary = data["summary"]
-    pairs = data["pairs"]
-    width = max(len(title) for title, _, _ in ROWS)
+    names = data["sides"]
+    groups = data["groups"]
+    rows = [r for r in ROWS if not (r[1] == "compile_time_s" and workload.passes < 2)]
+    width = max(len(title) for title, _, _ in rows)
+    labels = [summary["sides"][n]["label"] for n in names]
+    column = max(11, *(len(label) for label in labels))
     lines = [
         workload.describe(),
-        f"{'(medians of ' + str(len(pairs)) + ' runs per side)':<{width}}  {'stock':>10}  "
-        f"{'fork':>10}  {'fork/stock':>10}  per pair",
+        f"{'(medians of ' + str(len(groups)) + ' runs per side)':<{width}}  "
+        + "  ".join(f"{label:>{column}}" for label in labels),
     ]
-    for title, key, fmt in ROWS:
-        if key == "compile_time_s" and workload.passes < 2:
+    for title, key, fmt in rows:
+        if key == "compile_per_entry":
+            continue  # a ratio only
+        values = [fmt(summary["sides"][n][key]) for n in names]
+        lines.append(f"{title:<{width}}  " + "  ".join(f"{v:>{column}}" for v in values))
+    ratio_names = list(summary["ratios"])
+    column = max(11, *(len(n) for n in ratio_names)) if ratio_names else 11
+    lines.append("")
+    lines.append(
+        f"{'ratios (median of the groups)':<{width}}  "
+        + "  ".join(f"{n:>{column}}" for n in ratio_names)
+    )
+    for title, key, _ in rows:
+        if key not in RATIO_METRICS and key != "compile_per_entry":
             continue
-        paired = key in summary["ratios"]
-        ratio_only = paired and key not in summary["stock"]
-        stock = "" if ratio_only else fmt(summary["stock"][key])
-        fork = "" if ratio_only else fmt(summary["fork"][key])
-        ratio = _fmt_ratio(summary["ratios"][key]) if paired else ""
-        per_pair = " ".join(_fmt_ratio(p["ratios"][key]) for p in pairs) if paired else ""
-        lines.append(f"{title:<{width}}  {stock:>10}  {fork:>10}  {ratio:>10}  {per_pair}".rstrip())
+        values = [_fmt_ratio(summary["ratios"][n][key]) for n in ratio_names]
+        lines.append(f"{title:<{width}}  " + "  ".join(f"{v:>{column}}" for v in values))
     return "\n".join(lines)
 
 
@@ -415,10 +579,13 @@ def format_report(report: dict[str, Any]) -> str:
     threads = report["threads"]
     parts = [
         f"vllm-compilation bench on {report['device']} "
-        f"({'default' if threads <= 0 else threads} torch thread{'s' if threads != 1 else ''})"
+        f"({'default' if threads <= 0 else threads} torch thread{'s' if threads != 1 else ''}; "
+        f"sides: {', '.join(report['sides'])}; load average "
+        f"{report['load_average'][0]:.2f} at the start, {report['load_average'][1]:.2f} at the "
+        "end)"
     ]
     for data in report["workloads"].values():
-        if data["pairs"]:
+        if data["groups"]:
             parts.append(format_workload(data))
     targets = ["targets:"]
     for target in report["targets"]:
@@ -433,11 +600,14 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+SIDE_COLORS = {"stock": "tab:red", "fork": "tab:blue", "concurrent": "tab:green"}
+
+
 def plot_latency(report: dict[str, Any], path: str) -> None:
     """PNG of per-call latency: the engine's start-up forwards, then the sweep.
 
     The median over runs as a line, the band from fastest to slowest, a cross where a
-    forward compiled.
+    forward compiled; one line per side.
     """
     import matplotlib
 
@@ -446,16 +616,20 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
 
     sweep = report["workloads"]["sweep"]
     workload = Workload(**sweep["config"])
-    first_run = sweep["pairs"][0]["fork"]["result"]
+    groups = sweep["groups"]
+    first_run = groups[0]["runs"]["fork"]["result"]
     startup = first_run["startup_sizes"]
     labels = [f"s{n}" for n in startup] + [str(n) for n in workload.forwards()]
     x = list(range(1, len(labels) + 1))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(labels)), 4.8))
-    for side, color in (("stock", "tab:red"), ("fork", "tab:blue")):
-        runs = [all_forwards_s(p[side]["result"]) for p in sweep["pairs"]]
+    for side in sweep["sides"]:
+        color = SIDE_COLORS.get(side, "tab:purple")
+        runs = [all_forwards_s(g["runs"][side]["result"]) for g in groups]
+        if any(len(run) != len(labels) for run in runs):
+            continue  # another vLLM's start-up made other forwards: not on this axis
         per_call = list(zip(*runs, strict=True))
         median_ms = [statistics.median(c) * 1e3 for c in per_call]
-        label = "stock vLLM 0.17" if side == "stock" else "vllm-compilation (fork)"
+        label = sweep["summary"]["sides"][side]["label"]
         ax.plot(x, median_ms, marker="o", markersize=3, color=color, label=label)
         if len(runs) > 1:
             ax.fill_between(
@@ -466,7 +640,7 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
                 alpha=0.2,
                 linewidth=0,
             )
-        result = sweep["pairs"][0][side]["result"]
+        result = groups[0]["runs"][side]["result"]
         compiles = [*result["startup_compiles_per_forward"], *result["compiles_per_forward"]]
         compiled = [i for i, n in enumerate(compiles, 1) if n]
         ax.plot(
@@ -490,7 +664,7 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
     ax.set_ylabel("latency per call (ms, log)")
     ax.set_title(
         f"Per-call latency on {report['device']} "
-        f"({len(sweep['pairs'])} runs per side; x: a forward that compiled)",
+        f"({len(groups)} runs per side; x: a forward that compiled)",
         fontsize=10,
     )
     ax.grid(True, which="major", axis="y", alpha=0.3)
@@ -501,25 +675,31 @@ def plot_latency(report: dict[str, Any], path: str) -> None:
 
 
 def run_bench(
-    sweep: Workload,
-    memory: Workload,
+    workloads: Sequence[Workload],
     *,
     device: str | None = None,
     threads: int = 1,
     splitting: bool = True,
+    parallel: int = 0,
+    baseline_python: str | None = None,
     as_json: bool = False,
     plot: str | None = None,
     save: str | None = None,
 ) -> int:
-    """Run both workloads, print the table (or JSON); optionally plot and save the JSON."""
+    """Run the workloads, print the tables (or JSON); optionally plot and save the JSON."""
+    import os
+
     try:
-        for workload in (sweep, memory):
+        for workload in workloads:
             workload.validate()
+        if parallel < 0:
+            raise ValueError("--parallel takes a number of processes (2 or more; 0: none)")
     except ValueError as e:
         raise SystemExit(f"vllm-compilation bench: {e}") from None
+    by_name = {w.name: w for w in workloads}
     if plot:
-        if not sweep.repeats:
-            raise SystemExit("vllm-compilation bench: --plot needs at least one sweep pair")
+        if not by_name.get("sweep") or not by_name["sweep"].repeats:
+            raise SystemExit("vllm-compilation bench: --plot needs at least one sweep group")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -527,27 +707,40 @@ def run_bench(
                 "vllm-compilation bench: --plot needs matplotlib: "
                 'pip install "vllm-compilation[bench]"'
             ) from None
+    if baseline_python and not os.access(baseline_python, os.X_OK):
+        raise SystemExit(
+            f"vllm-compilation bench: --baseline-python {baseline_python}: not an executable"
+        )
     device = device or default_device()
+    sides = make_sides(parallel, baseline_python)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    load_before = os.getloadavg()[0]
     progress(
-        f"vllm-compilation bench on {device}: {sweep.repeats} sweep and {memory.repeats} "
-        "memory pairs of stock/fork runs, each in a new process with fresh caches"
+        f"vllm-compilation bench on {device}: "
+        + ", ".join(f"{w.repeats} {w.name}" for w in workloads)
+        + f" groups of {len(sides)} runs ({', '.join(s.name for s in sides)}), each in a new "
+        f"process with fresh caches; load average {load_before:.2f}"
     )
-    workloads = {
+    results = {
         w.name: run_workload(
-            w, device=device, threads=threads, splitting=splitting, progress=progress
+            w, sides=sides, device=device, threads=threads, splitting=splitting, progress=progress
         )
-        for w in (sweep, memory)
+        for w in workloads
     }
     report = {
         "device": device,
         "threads": threads,
         "splitting": splitting,
-        "workloads": workloads,
-        "targets": evaluate_targets(workloads),
+        "sides": [s.name for s in sides],
+        "parallel": parallel,
+        "baseline_python": baseline_python,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "workloads": results,
+        "targets": evaluate_targets(results),
     }
     if plot:
         plot_latency(report, plot)

@@ -81,33 +81,38 @@ def _cache_folder(given: str | None) -> Iterator[str]:
 
 
 def run_side(
-    fork: bool,
+    fork: bool | None,
     scenario_args: list[str],
     *,
     quiet: bool = False,
     python: str | None = None,
     progress: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
     caches: str | None = None,
 ) -> dict[str, Any]:
     """Run the scenario in a fresh process with fresh caches; return its result.
 
-    ``progress`` receives one line per phase of the run (profile run, warm-up, serving).
-    ``caches``: a folder for the Inductor and vLLM caches that outlives the run (a warm start
-    is a second run with the same folder); by default a temporary one, removed after.
+    ``fork`` sets ``VLLM_COMPILATION_FORK`` (and the run must report the fork in that state);
+    ``None`` leaves it to the interpreter (another vLLM's, say) and checks nothing. ``env``
+    adds variables. ``progress`` receives one line per phase of the run (profile run, warm-up,
+    serving). ``caches``: a folder for the Inductor and vLLM caches that outlives the run (a
+    warm start is a second run with the same folder); by default a temporary one, removed after.
     """
-    label = "fork" if fork else "stock"
+    label = "baseline" if fork is None else "fork" if fork else "stock"
     which = "fresh caches" if caches is None else f"the caches in {caches}"
     remove_stale_temp_dirs()
     with (
         _terminate_cleanly(),
         _cache_folder(caches) as caches,
     ):
-        env = dict(os.environ)
-        env.update(
+        run_env = dict(os.environ)
+        run_env.update(env or {})
+        run_env.update(
             TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
             VLLM_CACHE_ROOT=os.path.join(caches, "vllm"),
-            VLLM_COMPILATION_FORK="1" if fork else "0",
         )
+        if fork is not None:
+            run_env["VLLM_COMPILATION_FORK"] = "1" if fork else "0"
         started = time.perf_counter()
         if not quiet:
             print(f"{label}: a new process with {which}", flush=True)
@@ -119,7 +124,7 @@ def run_side(
             subprocess.Popen(
                 [python or sys.executable, "-m", "vllm_compilation.harness.scenario", "--json"]
                 + scenario_args,
-                env=env,
+                env=run_env,
                 stdout=stdout_file,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -149,7 +154,7 @@ def run_side(
             f"the {label} run failed (exit {proc.returncode}):\n{''.join(stderr)[-4000:]}"
         )
     result: dict[str, Any] = json.loads(lines[-1].split(" ", 1)[1])
-    if python is None and result["fork_active"] != fork:
+    if fork is not None and result["fork_active"] != fork:
         raise RuntimeError(
             f"the {label} run had the fork {'on' if result['fork_active'] else 'off'}"
         )

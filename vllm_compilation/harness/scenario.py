@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import statistics
 import sys
@@ -28,6 +29,8 @@ from typing import Any
 class ScenarioResult:
     fork_active: bool
     device: str
+    vllm_version: str  # the vLLM that ran, read from its package's files
+    fork_reason: str  # the fork's state in words: why it is on or off
     compile_ranges: list[list[int]]  # [start, end] of each compile range
     compile_sizes: list[int]
     pieces: int  # compiled pieces of the model (the splitting op makes two)
@@ -46,6 +49,17 @@ class ScenarioResult:
     startup_compiles_per_forward: list[int] = field(default_factory=list)
     max_abs_error: float = 0.0  # largest difference from the eager forward
     peak_memory_bytes: int | None = None
+    # the largest proportional set size (PSS) of this process and all its descendants
+    # (compile workers, compiler and check subprocesses) together, sampled every 20 ms
+    peak_tree_pss_bytes: int | None = None
+    # CPU time (user + system) of this process and its waited-for children during the first
+    # forward, and during the whole run
+    first_forward_cpu_s: float = 0.0
+    run_cpu_s: float = 0.0
+    # sha256 of every forward's output, in order: runs that compute the same agree
+    outputs_sha256: str = ""
+    # the change of each of vLLM's compilation counters over the run
+    counters: dict[str, int] = field(default_factory=dict)
     compiles_total: int = 0  # backend compilations in all forwards
     # seconds spent in CompilerManager.compile during each forward (only with time_compiles)
     backend_compile_s_per_forward: list[float] = field(default_factory=list)
@@ -90,6 +104,93 @@ def _peak_memory(device: str) -> int | None:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except Exception:
         return None
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU time of this process and of its children that have ended."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class TreeMemorySampler:
+    """The peak PSS of this process and all its descendants, read from ``/proc``.
+
+    PSS divides each shared page among the processes that map it, so forked workers that
+    share the parent's pages are not counted twice (their RSS would be). Sampled every
+    ``interval`` seconds on a daemon thread; ``peak`` is None where ``/proc`` has no
+    ``smaps_rollup``.
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-pss", daemon=True)
+
+    @staticmethod
+    def _pss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:  # the process ended meanwhile
+            pass
+        return 0
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        import os
+
+        found: list[int] = []
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return found
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    found.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+        return found
+
+    def sample(self) -> int:
+        import os
+
+        total, todo = 0, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            total += self._pss(pid)
+            todo.extend(self._children(pid))
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = self.sample()
+            if value:
+                self.peak = max(self.peak or 0, value)
+            self._stop.wait(self.interval)
+
+    def start(self) -> TreeMemorySampler:
+        import os
+
+        if os.path.exists(f"/proc/{os.getpid()}/smaps_rollup"):
+            self._thread.start()
+        return self
+
+    def stop(self) -> int | None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        return self.peak
 
 
 def _time_backend_compiles() -> list[dict[str, Any]]:
@@ -149,6 +250,7 @@ def run_scenario(
     from vllm_compilation.harness.engine import generated_kernel_languages
 
     fork = loader.activate()
+    from vllm.compilation.counter import compilation_counter
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -168,6 +270,7 @@ def run_scenario(
 
     compile_s: list[float] = []
     max_error = 0.0
+    outputs = hashlib.sha256()
     timed_before = 0
 
     def check(record: Any, inputs: torch.Tensor, output: torch.Tensor) -> None:
@@ -175,12 +278,17 @@ def run_scenario(
         if time_compiles:
             compile_s.append(sum(call["s"] for call in compile_calls[timed_before:]))
             timed_before = len(compile_calls)
+        outputs.update(output.detach().cpu().contiguous().numpy().tobytes())
         expected = toy_model.eager_reference(driver.model, inputs)
         max_error = max(max_error, float((output - expected).abs().max()))
 
     driver.observers.append(check)
+    memory = TreeMemorySampler().start()
+    counters_before = asdict(compilation_counter)
     _phase(f"profile run ({driver.max_num_tokens} tokens), the first forward")
+    cpu_before = _cpu_seconds()
     driver.determine_available_memory()
+    first_forward_cpu = _cpu_seconds() - cpu_before
     driver.initialize_kv_cache()
     _phase(f"warm-up forwards ({', '.join(map(str, driver.warmup_sizes()))} tokens, then more)")
     driver.compile_or_warm_up_model()
@@ -192,10 +300,14 @@ def run_scenario(
     for record in startup:  # the steady state of the start-up forwards
         driver.forward(record.num_tokens, "steady")
     compiles_after = sum(r.backend_compilations for r in driver.records[1:])
+    peak_tree_pss = memory.stop()
+    counters_after = asdict(compilation_counter)
 
     return ScenarioResult(
         fork_active=fork.active,
         device=device,
+        vllm_version=loader.installed_vllm_version().version or "unknown",
+        fork_reason=fork.reason,
         compile_ranges=[[r.start, r.end] for r in config.compilation_config.get_compile_ranges()],
         compile_sizes=list(config.compilation_config.compile_sizes or []),
         pieces=2 if splitting else 1,
@@ -214,6 +326,11 @@ def run_scenario(
         startup_compiles_per_forward=[r.backend_compilations for r in startup],
         max_abs_error=max_error,
         peak_memory_bytes=_peak_memory(device),
+        peak_tree_pss_bytes=peak_tree_pss,
+        first_forward_cpu_s=first_forward_cpu,
+        run_cpu_s=_cpu_seconds(),
+        outputs_sha256=outputs.hexdigest(),
+        counters={k: counters_after[k] - counters_before[k] for k in counters_after},
         compiles_total=sum(r.backend_compilations for r in driver.records),
         backend_compile_s_per_forward=compile_s,
         backend_compiles=compile_calls,

@@ -114,6 +114,22 @@ def register_cpu_ops() -> None:
         )
 
 
+def split_points_field() -> str:
+    """The name of ``CompilationConfig``'s compile range split points in the installed vLLM.
+
+    vLLM 0.18 renamed 0.17's ``compile_ranges_split_points`` to ``compile_ranges_endpoints``,
+    with the same meaning (the end of every range but the last).
+    """
+    from vllm.config import CompilationConfig
+
+    fields = getattr(CompilationConfig, "__dataclass_fields__", {})
+    return (
+        "compile_ranges_endpoints"
+        if "compile_ranges_endpoints" in fields
+        else "compile_ranges_split_points"
+    )
+
+
 def make_vllm_config(
     *,
     split_points: Sequence[int] = UPSTREAM_SPLIT_POINTS,
@@ -153,7 +169,7 @@ def make_vllm_config(
         mode=CompilationMode.VLLM_COMPILE,
         backend="inductor",
         splitting_ops=splitting_ops,
-        compile_ranges_split_points=list(split_points),
+        **{split_points_field(): list(split_points)},
         compile_sizes=list(compile_sizes),
         inductor_compile_config=dict(inductor_compile_config or {}),
         **graphs,

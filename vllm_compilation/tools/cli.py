@@ -267,11 +267,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from vllm_compilation.harness import toy_model
     from vllm_compilation.harness.bench import Workload, run_bench
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
+    upstream = Workload(
+        name="upstream",
+        hidden=16,
+        split_points=toy_model.UPSTREAM_SPLIT_POINTS,
+        compile_sizes=toy_model.UPSTREAM_COMPILE_SIZES,
+        max_tokens=toy_model.UPSTREAM_MAX_TOKENS,
+        repeats=args.upstream_repeats,
+        passes=1,
+        sizes=toy_model.UPSTREAM_FORWARD_SIZES,
+    )
     sweep = Workload(
         name="sweep",
         hidden=args.hidden,
@@ -291,11 +302,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         passes=1,
     )
     return run_bench(
-        sweep,
-        memory,
+        [upstream, sweep, memory],
         device=args.device,
         threads=args.threads,
         splitting=not args.no_splitting,
+        parallel=args.parallel,
+        baseline_python=args.baseline_python,
         as_json=args.json,
         plot=args.plot,
         save=args.save,
@@ -409,16 +421,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     bench = command(
         "bench",
-        "stock vLLM vs the fork, measured: compiles, compile time, latency, memory",
-        "Measure stock vLLM and the fork in alternating pairs of fresh processes with fresh "
-        "caches: a sweep over every compile range and size (compiles, compile time, per-call "
-        "latency) and a large-weight model (peak memory). See docs/benchmarks.md.",
+        "stock vLLM, the fork (serial, concurrent) and a baseline, measured side by side",
+        "Measure stock vLLM, the fork and optionally the fork compiling concurrently and "
+        "another interpreter (say, vLLM 0.18.0's) in alternating groups of fresh processes "
+        "with fresh caches: the upstream scenario (first forward), a sweep over every compile "
+        "range and size (compiles, compile time, per-call latency) and a large-weight model "
+        "(peak memory). See docs/benchmarks.md.",
+    )
+    bench.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a side: the fork with VLLM_COMPILATION_PARALLEL=N (default: none)",
+    )
+    bench.add_argument(
+        "--baseline-python",
+        metavar="PY",
+        help="add a side: the same workloads run by this interpreter (e.g. a virtual "
+        "environment with vLLM 0.18.0 and this package importable)",
+    )
+    bench.add_argument(
+        "--upstream-repeats",
+        type=int,
+        default=1,
+        help="groups of the upstream scenario (default: %(default)s)",
     )
     bench.add_argument(
         "--repeats",
         type=int,
         default=3,
-        help="stock/fork pairs of the sweep (default: %(default)s)",
+        help="groups of the sweep (default: %(default)s)",
     )
     bench.add_argument(
         "--hidden", type=int, default=16, help="sweep: toy model width (default: %(default)s)"
@@ -438,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-repeats",
         type=int,
         default=1,
-        help="stock/fork pairs of the memory run (default: %(default)s)",
+        help="groups of the memory run (default: %(default)s)",
     )
     bench.add_argument(
         "--memory-hidden", type=int, default=4096, help="memory: model width (default: %(default)s)"
