@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,10 +40,9 @@ setup(
     license="Apache-2.0",
     license_files=["LICENSE"],
     python_requires=">=3.10",
+    # every package under vllm_compilation/, plus the two mapped from patches/ and docs/
     packages=[
-        "vllm_compilation",
-        "vllm_compilation.harness",
-        "vllm_compilation.tools",
+        *find_packages(include=["vllm_compilation", "vllm_compilation.*"]),
         "vllm_compilation.patches",
         "vllm_compilation.docs",
     ],

@@ -58,6 +58,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     return zipfile.ZipFile(built)
 
 
+def test_wheel_carries_every_package_of_the_tree(wheel: zipfile.ZipFile) -> None:
+    # a subpackage missing from the wheel still works in an editable install (the harness
+    # was missing, and `vllm-compilation demo` failed where the wheel was installed)
+    in_tree = {
+        init.relative_to(REPO).as_posix()
+        for init in (REPO / "vllm_compilation").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert in_tree <= set(wheel.namelist())
+
+
 def _dist_info(wheel: zipfile.ZipFile, name: str) -> list[str]:
     return [n for n in wheel.namelist() if ".dist-info/" in n and n.endswith("/" + name)]
 
